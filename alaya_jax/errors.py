@@ -1,0 +1,38 @@
+"""alaya_jax's exception types: one base class, then one class per kind of mistake."""
+
+
+class AlayaError(Exception):
+    """Base class of every error alaya_jax raises on purpose."""
+
+
+class ConfigError(AlayaError, ValueError):
+    """A config or plan field has a value outside what is supported."""
+
+
+class ShapeError(AlayaError, ValueError):
+    """An array has a shape or dtype other than the one the call expects."""
+
+
+class PlanError(AlayaError, ValueError):
+    """A plan cannot run on the given store (e.g. the index it needs was not built)."""
+
+
+class CapacityError(AlayaError):
+    """A static capacity is too small for the data and the caller asked for strictness."""
+
+
+class UnsupportedModelError(AlayaError, ValueError):
+    """A model file or config uses a feature alaya_jax does not support."""
+
+
+# --- model loading and generation (owned by alaya_jax/model/) ----------------------------
+class ModelNotFoundError(AlayaError, FileNotFoundError):
+    """The default model package is not installed, or a model path does not exist."""
+
+
+class ModelFileError(AlayaError, OSError):
+    """A model file that cannot be read or parsed."""
+
+
+class ContextLengthError(AlayaError, ValueError):
+    """A prompt (plus the tokens to generate) longer than the model's context."""

@@ -1,0 +1,293 @@
+"""Text generation: chunked jitted prefill, then a jitted decode loop with static shapes.
+
+Prompts of a batch are right-padded; every sequence keeps its own length, so a prompt gives
+the same tokens alone or in a batch. The decode loop is one `lax.while_loop` over a fixed
+token buffer; streaming runs it a few steps at a time and prints what came out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alaya_jax.errors import ContextLengthError, ShapeError
+from alaya_jax.model.llama import AttentionFn, KVCache, Llama, full_decode_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_p < 1 keeps the smallest set of tokens reaching p."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FullAttention:
+    """Dense decode attention over the whole cache (the default)."""
+
+    def decode_fn(self) -> AttentionFn:
+        return full_decode_attention
+
+    def describe(self) -> str:
+        return "full"
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    texts: list[str]
+    tokens: list[list[int]]  # generated ids per prompt (the stop token excluded)
+    prompt_lengths: list[int]
+    prefill_s: float
+    decode_s: float
+    steps: int
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [B, V] f32 -> next ids [B] int32."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        sorted_logits = jnp.where(before < sampling.top_p, sorted_logits, -jnp.inf)
+        choice = jax.random.categorical(key, sorted_logits, axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# --- jitted pieces (graphdef static; state a pytree) --------------------------------------
+@functools.partial(jax.jit, static_argnames=("graphdef", "first_chunk"), donate_argnames=("cache",))
+def prefill_chunk(graphdef, state, tokens, start, cache: KVCache, *, first_chunk: bool):
+    """tokens [B, C] at positions start..start+C-1 -> (hidden [B, C, E], cache)."""
+    model = nnx.merge(graphdef, state)
+    B, C = tokens.shape
+    positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+    return model(tokens, positions, cache, first_chunk=first_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def logits_at(graphdef, state, hidden, index):
+    """hidden [B, C, E], index [B] -> logits [B, V] at each sequence's index."""
+    model = nnx.merge(graphdef, state)
+    h = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+    return model.logits(h)
+
+
+def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, *,
+            chunk: int = 512, progress: Callable[[int, int], None] | None = None):
+    """Chunked prefill of right-padded prompts tokens [B, T] with valid lengths [B].
+
+    Returns (logits at each prompt's last token [B, V] f32, cache with lengths set).
+    Memory stays bounded by the chunk size; the first chunk attends causally to itself.
+    """
+    graphdef, state = nnx.split(model)
+    B, T = tokens.shape
+    n_chunks = max(1, math.ceil(T / chunk))
+    C = min(chunk, _round_up(T, 16))
+    padded = np.zeros((B, n_chunks * C), np.int32)
+    padded[:, :T] = tokens
+    last_logits = None
+    lengths = np.asarray(lengths, np.int32)
+    for c in range(n_chunks):
+        hidden, cache = prefill_chunk(graphdef, state, jnp.asarray(padded[:, c * C:(c + 1) * C]),
+                                      jnp.int32(c * C), cache, first_chunk=(c == 0))
+        # Each sequence's last token lies in exactly one chunk: take its logits there.
+        local = lengths - 1 - c * C
+        here = (local >= 0) & (local < C)
+        if here.any():
+            lg = logits_at(graphdef, state, hidden, jnp.asarray(np.clip(local, 0, C - 1)))
+            last_logits = lg if last_logits is None else jnp.where(jnp.asarray(here)[:, None], lg,
+                                                                   last_logits)
+        if progress is not None:
+            progress(min((c + 1) * C, T), T)
+    return last_logits, cache.replace(lengths=jnp.asarray(lengths))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopStatic:
+    graphdef: Any
+    sampling: Sampling
+    attention: Any
+    stop_ids: tuple[int, ...]
+
+
+def _decode_loop_impl(static: _LoopStatic, state, loop, n_steps):
+    """Runs up to n_steps decode steps (stopping early when every sequence is done)."""
+    model = nnx.merge(static.graphdef, state)
+    attn = static.attention.decode_fn()
+    stop = jnp.asarray(static.stop_ids or (-1,), jnp.int32)
+    limit = loop["step"] + n_steps
+
+    def cond(lp):
+        return (lp["step"] < limit) & (lp["step"] < lp["out"].shape[1]) & ~jnp.all(lp["done"])
+
+    def body(lp):
+        cache = lp["cache"]
+        tok = lp["next"]  # [B] the token to feed now (already sampled)
+        out = lp["out"].at[:, lp["step"]].set(jnp.where(lp["done"], -1, tok))
+        done = lp["done"] | jnp.isin(tok, stop) | (lp["step"] + 1 >= lp["max_new"])
+        hidden, cache = model(tok[:, None], cache.lengths[:, None], cache, attention=attn)
+        cache = cache.replace(lengths=cache.lengths + jnp.where(lp["done"], 0, 1))
+        logits = model.logits(hidden[:, 0])
+        key, sub = jax.random.split(lp["key"])
+        nxt = sample_next(logits, sub, static.sampling)
+        return dict(lp, cache=cache, next=nxt, out=out, done=done, key=key, step=lp["step"] + 1)
+
+    return jax.lax.while_loop(cond, body, loop)
+
+
+_decode_loop = jax.jit(_decode_loop_impl, static_argnums=(0,), donate_argnums=(2,))
+
+
+# --- the public entry ----------------------------------------------------------------------
+def _as_prompts(tokenizer, prompt_or_messages) -> tuple[list[list[int]], bool]:
+    """str | messages | list of those | token id lists -> (id lists, was_batch)."""
+    def one(p):
+        if isinstance(p, str):
+            return tokenizer.encode(p)
+        if isinstance(p, (list, tuple)) and p and isinstance(p[0], dict):
+            return tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True)
+        if isinstance(p, (list, tuple, np.ndarray)) and (len(p) == 0 or isinstance(p[0], (int, np.integer))):
+            return [int(i) for i in p]
+        raise TypeError(f"a prompt must be a string, a list of chat messages or a list of token "
+                        f"ids, got {type(p).__name__}")
+
+    is_messages = (isinstance(prompt_or_messages, (list, tuple)) and prompt_or_messages
+                   and isinstance(prompt_or_messages[0], dict))
+    is_ids = (isinstance(prompt_or_messages, (list, tuple, np.ndarray)) and len(prompt_or_messages)
+              and isinstance(prompt_or_messages[0], (int, np.integer)))
+    if isinstance(prompt_or_messages, str) or is_messages or is_ids:
+        return [one(prompt_or_messages)], False
+    return [one(p) for p in prompt_or_messages], True
+
+
+def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 64, *,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, attention=None,
+             stream: Callable[[int, str], None] | bool | None = None, prefill_chunk_size: int = 512,
+             stop_at_eos: bool = True) -> GenerationResult:
+    """Generates a continuation for one prompt or a batch of prompts.
+
+    prompt_or_messages: a string, a list of chat messages ({"role", "content"} dicts, rendered
+    with the model's chat template), a list of token ids, or a list of any of those (a batch).
+    attention: the decode attention method (default `FullAttention()`).
+    stream: True prints the first sequence's text as it comes; a callable gets
+    (sequence index, new text piece) for every sequence.
+    """
+    attention = attention or FullAttention()
+    sampling = Sampling(temperature, top_p)
+    prompts, _ = _as_prompts(tokenizer, prompt_or_messages)
+    if any(len(p) == 0 for p in prompts):
+        raise ShapeError("a prompt has no tokens")
+    cfg = model.cfg
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lengths.max())
+    if longest > cfg.max_seq_len:
+        raise ContextLengthError(f"the prompt has {longest} tokens, longer than the model's context "
+                                 f"of {cfg.max_seq_len} tokens")
+    if longest + max_new_tokens > cfg.max_seq_len:
+        new = cfg.max_seq_len - longest
+        warnings.warn(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                      f"context of {cfg.max_seq_len}; generating at most {new} tokens")
+        max_new_tokens = new
+    B = len(prompts)
+    tokens = np.zeros((B, longest), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    C = min(prefill_chunk_size, _round_up(longest, 16))
+    max_len = min(_round_up(max(math.ceil(longest / C) * C, longest + max_new_tokens), 256),
+                  _round_up(cfg.max_seq_len, 256))
+    max_len = max(max_len, math.ceil(longest / C) * C)
+    cache = KVCache.zeros(cfg, B, max_len, model.dtype)
+
+    t0 = time.perf_counter()
+    logits, cache = prefill(model, tokens, lengths, cache, chunk=C)
+    key = jax.random.PRNGKey(seed)
+    key, sub = jax.random.split(key)
+    first = sample_next(logits, sub, sampling)
+    first.block_until_ready()
+    t1 = time.perf_counter()
+
+    graphdef, state = nnx.split(model)
+    stop_ids = tuple(sorted(tokenizer.stop_ids())) if stop_at_eos else ()
+    static = _LoopStatic(graphdef, sampling, attention, stop_ids)
+    buf = _round_up(max(max_new_tokens, 1), 64)
+    loop = dict(cache=cache, next=first, out=jnp.full((B, buf), -1, jnp.int32),
+                done=jnp.zeros((B,), bool), key=key, step=jnp.int32(0),
+                max_new=jnp.int32(max_new_tokens))
+    printer = _Streamer(tokenizer, B, stream) if stream else None
+    step_chunk = 4 if printer else max_new_tokens
+    while True:
+        loop = _decode_loop(static, state, loop, jnp.int32(step_chunk))
+        if printer:
+            printer.update(np.asarray(loop["out"]))
+        if bool(jnp.all(loop["done"])) or int(loop["step"]) >= max_new_tokens:
+            break
+    out = np.asarray(loop["out"])
+    t2 = time.perf_counter()
+    if printer:
+        printer.finish()
+    gen = []
+    for row in out:
+        ids = [int(t) for t in row[:max_new_tokens] if t >= 0]
+        if stop_at_eos and ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        gen.append(ids)
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
+    return GenerationResult(texts=texts, tokens=gen, prompt_lengths=lengths.tolist(),
+                            prefill_s=t1 - t0, decode_s=t2 - t1, steps=int(loop["step"]))
+
+
+class _Streamer:
+    """Decodes the growing token lists and emits only the new text (UTF-8 safe)."""
+
+    def __init__(self, tokenizer, batch: int, stream):
+        self.tok = tokenizer
+        self.stop = tokenizer.stop_ids()
+        self.sent = [""] * batch
+        self.fn = stream if callable(stream) else self._print_first
+
+    @staticmethod
+    def _print_first(i: int, piece: str):
+        if i == 0:
+            print(piece, end="", flush=True)
+
+    def update(self, out: np.ndarray):
+        for i, row in enumerate(out):
+            ids = [int(t) for t in row if t >= 0 and int(t) not in self.stop]
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+                continue
+            if len(text) > len(self.sent[i]):
+                self.fn(i, text[len(self.sent[i]):])
+                self.sent[i] = text
+
+    def finish(self):
+        if self.fn is self._print_first:
+            print(flush=True)

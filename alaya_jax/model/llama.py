@@ -1,0 +1,209 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (plain, linear, llama3), GQA, SwiGLU.
+
+The L layers' weights are stacked along a leading axis and run with `lax.scan`, so a
+30-layer model compiles as fast as a one-layer one. The KV cache is a pytree carried
+through the scan and updated in place. The model never selects keys itself: decode
+attention is a function passed in (`attention(q, k, v, kv_len) -> o`), so the DIPR path
+plugs in without touching this file.
+
+Axis letters: B batch, T query len, S cache len, E width, H q heads, K kv heads, D head dim,
+F ffn width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alaya_jax.model.config import LlamaConfig
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: -inf - -inf is NaN
+
+
+class RopeFreqs(nnx.Variable):
+    """Inverse RoPE frequencies [D/2] (not trained; a GGUF may carry its own factors)."""
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [D/2] with the config's scaling applied (as HF computes them)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv.astype(np.float32)
+    if s.kind == "linear":
+        return (inv / s.factor).astype(np.float32)
+    low_wl = s.original_max_position / s.low_freq_factor
+    high_wl = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / s.factor, inv)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [B, T, N, D], positions [B, T] -> x rotated (HF "rotate_half" layout), x's dtype."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys (post-RoPE) and values of every layer, right-padded per sequence."""
+
+    k: jax.Array  # [L, B, S, K, D]
+    v: jax.Array  # [L, B, S, K, D]
+    lengths: jax.Array  # [B] int32: valid tokens per sequence
+
+    @staticmethod
+    def abstract(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(k=jax.ShapeDtypeStruct(shape, dtype), v=jax.ShapeDtypeStruct(shape, dtype),
+                       lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+    @staticmethod
+    def zeros(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                            KVCache.abstract(cfg, batch, max_len, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def full_decode_attention(q, k, v, kv_len):
+    """Dense decode attention, the reference every sparse method is compared with.
+
+    q [B, H, D], k/v [B, S, K, D], kv_len [B] -> o [B, H, D] in q's dtype (f32 math).
+    """
+    B, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
+    valid = jnp.arange(k.shape[1])[None, :] < kv_len[:, None]  # [B, S]
+    s = jnp.where(valid[:, None, None, :], s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgs,bskd->bkgd", p, v.astype(jnp.float32))
+    return o.reshape(B, H, D).astype(q.dtype)
+
+
+class Llama(nnx.Module):
+    """Llama decoder with stacked layer weights. Linear weights are stored [in, out]."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        rngs = rngs or nnx.Rngs(0)
+        E, F, V, L = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
+        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+        def w(*shape, fan_in):
+            x = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)
+            return nnx.Param(x.astype(dtype))
+
+        self.embed = nnx.Param((jax.random.normal(rngs.params(), (V, E)) * 0.02).astype(dtype))
+        self.attn_norm = nnx.Param(jnp.ones((L, E), dtype))
+        self.wq = w(L, E, H * D, fan_in=E)
+        self.wk = w(L, E, K * D, fan_in=E)
+        self.wv = w(L, E, K * D, fan_in=E)
+        self.wo = w(L, H * D, E, fan_in=H * D)
+        self.ffn_norm = nnx.Param(jnp.ones((L, E), dtype))
+        self.w_gate = w(L, E, F, fan_in=E)
+        self.w_up = w(L, E, F, fan_in=E)
+        self.w_down = w(L, F, E, fan_in=F)
+        self.final_norm = nnx.Param(jnp.ones((E,), dtype))
+        self.lm_head = None if cfg.tie_embeddings else w(E, V, fan_in=E)
+        self.rope_inv_freq = RopeFreqs(jnp.asarray(rope_inv_freq(cfg)))
+
+    @property
+    def dtype(self):
+        return self.embed.value.dtype
+
+    def layer_weights(self) -> dict[str, jax.Array]:
+        names = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+        return {n: getattr(self, n).value for n in names}
+
+    def __call__(self, tokens, positions, cache: KVCache, *, attention: AttentionFn | None = None,
+                 first_chunk: bool = False, collect_qkv: bool = False):
+        """Runs T new tokens per sequence and writes their K/V into the cache.
+
+        tokens, positions: [B, T] int32. With T == 1 (decode) the new token of sequence b
+        sits at cache.lengths[b] and `attention` (default: full) attends over the cache.
+        With T > 1 (a prefill chunk) every sequence's chunk starts at the same position
+        positions[:, 0] (right padding); causal attention through jax.nn.dot_product_attention.
+        `first_chunk` (static) says the chunk starts at 0, so it attends only to itself.
+        Returns (hidden [B, T, E], cache with lengths unchanged: the caller advances them),
+        plus, with `collect_qkv` (static), the post-RoPE (q [L,B,T,H,D], k, v [L,B,T,K,D]).
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        decode = T == 1 and not first_chunk
+        attention = attention or full_decode_attention
+        inv_freq = self.rope_inv_freq.value
+        x = jnp.take(self.embed.value, tokens, axis=0)  # [B, T, E]
+        start = positions[0, 0]
+        S = cache.max_len
+
+        def layer(carry, lw):
+            x, kc, vc, li = carry
+            h = rms_norm(x, lw["attn_norm"], cfg.norm_eps)
+            q = jnp.einsum("bte,ef->btf", h, lw["wq"]).reshape(B, T, H, D)
+            k = jnp.einsum("bte,ef->btf", h, lw["wk"]).reshape(B, T, K, D)
+            v = jnp.einsum("bte,ef->btf", h, lw["wv"]).reshape(B, T, K, D)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq).astype(kc.dtype)
+            v = v.astype(vc.dtype)
+            if decode:
+                b = jnp.arange(B)
+                kc = kc.at[li, b, cache.lengths].set(k[:, 0])
+                vc = vc.at[li, b, cache.lengths].set(v[:, 0])
+                o = attention(q[:, 0], kc[li], vc[li], cache.lengths + 1)[:, None]
+            else:
+                kc = jax.lax.dynamic_update_slice(kc, k[None], (li, 0, start, 0, 0))
+                vc = jax.lax.dynamic_update_slice(vc, v[None], (li, 0, start, 0, 0))
+                if first_chunk:
+                    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+                else:
+                    kpos = jnp.arange(S)
+                    mask = kpos[None, None, None, :] <= positions[:, None, :, None]  # [B,1,T,S]
+                    o = jax.nn.dot_product_attention(q, kc[li], vc[li], mask=mask)
+            o = o.reshape(B, T, H * D).astype(x.dtype)
+            x = x + jnp.einsum("btf,fe->bte", o, lw["wo"])
+            h = rms_norm(x, lw["ffn_norm"], cfg.norm_eps)
+            g = jnp.einsum("bte,ef->btf", h, lw["w_gate"])
+            u = jnp.einsum("bte,ef->btf", h, lw["w_up"])
+            x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, lw["w_down"])
+            return (x, kc, vc, li + 1), ((q, k, v) if collect_qkv else None)
+
+        (x, kc, vc, _), qkv = jax.lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)),
+                                         self.layer_weights())
+        x = rms_norm(x, self.final_norm.value, cfg.norm_eps)
+        if collect_qkv:
+            return x, cache.replace(k=kc, v=vc), qkv
+        return x, cache.replace(k=kc, v=vc)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., E] (already normed) -> logits [..., V] in f32."""
+        w = self.embed.value.T if self.lm_head is None else self.lm_head.value
+        return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)

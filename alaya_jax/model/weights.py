@@ -1,0 +1,169 @@
+"""Checkpoint readers: GGUF (llama.cpp) and Hugging Face safetensors -> stacked weights.
+
+Both produce `(LlamaConfig, dict[name, np.ndarray])` in the layout `Llama` stores: linear
+weights [in, out], per-layer tensors stacked along a leading L axis, Q/K rows in the
+Hugging Face ("rotate_half") order. `assign_weights` checks every array against the model's
+abstract shapes before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from alaya_jax.errors import ModelFileError, ShapeError, UnsupportedModelError
+from alaya_jax.model.config import LlamaConfig, config_from_gguf, config_from_hf
+from alaya_jax.model.llama import rope_inv_freq
+
+LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+
+
+def _np_dtype(dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation (interleaved pairs -> HF rotate_half halves).
+
+    w [out, in] with out = n_heads * D. llama.cpp's converter applied
+    w.reshape(n_heads, 2, D/2, in).swapaxes(1, 2); this is its inverse.
+    """
+    out, inp = w.shape
+    d = out // n_heads
+    return w.reshape(n_heads, d // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+# --- GGUF ---------------------------------------------------------------------------------
+def _field_value(field) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # gguf versions differ in how they decode odd fields
+        return None
+
+
+def read_gguf(path: str, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """Reads a llama GGUF: (config, stacked weights in `dtype`, metadata dict)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or not a GGUF at all
+        raise ModelFileError(f"cannot read GGUF file {path!r}: {type(e).__name__}: {e}") from e
+    meta = {k: _field_value(f) for k, f in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = config_from_gguf(meta, has_output_weight="output.weight" in tensors)
+    npdt = _np_dtype(dtype)
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise ModelFileError(f"GGUF file {path!r} lacks tensor {name!r}")
+        t = tensors[name]
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(
+                f"tensor {name!r} of {path!r} uses quantization {t.tensor_type.name}, which the "
+                f"gguf package cannot dequantize") from e
+        # gguf gives numpy shape reversed from ggml's: [out, in] for matrices.
+        return np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    per_layer = {n: [] for n in LAYER_NAMES}
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        per_layer["attn_norm"].append(get(p + "attn_norm.weight"))
+        per_layer["wq"].append(unpermute_rope_rows(get(p + "attn_q.weight"), H).T)
+        per_layer["wk"].append(unpermute_rope_rows(get(p + "attn_k.weight"), K).T)
+        per_layer["wv"].append(get(p + "attn_v.weight").T)
+        per_layer["wo"].append(get(p + "attn_output.weight").T)
+        per_layer["ffn_norm"].append(get(p + "ffn_norm.weight"))
+        per_layer["w_gate"].append(get(p + "ffn_gate.weight").T)
+        per_layer["w_up"].append(get(p + "ffn_up.weight").T)
+        per_layer["w_down"].append(get(p + "ffn_down.weight").T)
+    weights = {n: np.stack(v).astype(npdt) for n, v in per_layer.items()}
+    weights["embed"] = get("token_embd.weight").astype(npdt)
+    weights["final_norm"] = get("output_norm.weight").astype(npdt)
+    if not cfg.tie_embeddings:
+        weights["lm_head"] = get("output.weight").T.astype(npdt)
+    if "rope_freqs.weight" in tensors:  # llama3-style scaling baked in as frequency factors
+        weights["rope_inv_freq"] = (
+            1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim))
+            / get("rope_freqs.weight")).astype(np.float32)
+    return cfg, weights, meta
+
+
+# --- Hugging Face safetensors -------------------------------------------------------------
+def read_hf(directory: str, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """Reads a Llama-family Hugging Face directory (config.json + *.safetensors)."""
+    from safetensors.numpy import load_file
+
+    cfg_path = os.path.join(directory, "config.json")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {cfg_path!r}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{cfg_path!r} is not valid JSON: {e}") from e
+    cfg = config_from_hf(raw)
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelFileError(f"no *.safetensors files in {directory!r}")
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            loaded = load_file(os.path.join(directory, f))
+        except Exception as e:
+            raise ModelFileError(f"cannot read {os.path.join(directory, f)!r}: {e}") from e
+        tensors.update(loaded)
+    npdt = _np_dtype(dtype)
+
+    def get(name):
+        if name not in tensors:
+            raise ModelFileError(f"safetensors in {directory!r} lack tensor {name!r}")
+        return np.asarray(tensors[name], dtype=np.float32)
+
+    hf = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
+          "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+          "wo": "self_attn.o_proj.weight", "ffn_norm": "post_attention_layernorm.weight",
+          "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+          "w_down": "mlp.down_proj.weight"}
+    weights = {}
+    for ours, theirs in hf.items():
+        arrs = [get(f"model.layers.{i}.{theirs}") for i in range(cfg.n_layers)]
+        arrs = [a if a.ndim == 1 else a.T for a in arrs]
+        weights[ours] = np.stack(arrs).astype(npdt)
+    weights["embed"] = get("model.embed_tokens.weight").astype(npdt)
+    weights["final_norm"] = get("model.norm.weight").astype(npdt)
+    if not cfg.tie_embeddings:
+        weights["lm_head"] = get("lm_head.weight").T.astype(npdt)
+    return cfg, weights
+
+
+def assign_weights(model, weights: dict[str, np.ndarray]) -> None:
+    """Writes loaded arrays into an (abstract or concrete) `Llama`, checking every shape."""
+    expected = {n: getattr(model, n) for n in (*LAYER_NAMES, "embed", "final_norm")}
+    if model.lm_head is not None:
+        expected["lm_head"] = model.lm_head
+    missing = set(expected) - set(weights)
+    if missing:
+        raise ModelFileError(f"checkpoint lacks weights {sorted(missing)}")
+    for name, var in expected.items():
+        arr = weights[name]
+        if tuple(arr.shape) != tuple(var.value.shape):
+            raise ShapeError(f"weight {name!r} has shape {tuple(arr.shape)}, the config expects "
+                             f"{tuple(var.value.shape)}")
+        var.value = jnp.asarray(arr, dtype=var.value.dtype)
+    if "rope_inv_freq" in weights:
+        model.rope_inv_freq.value = jnp.asarray(weights["rope_inv_freq"])
+    else:  # an abstract model (nnx.eval_shape) holds only the shape: compute the values
+        model.rope_inv_freq.value = jnp.asarray(rope_inv_freq(model.cfg))
