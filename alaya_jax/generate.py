@@ -53,6 +53,7 @@ class GenerationResult:
     texts: list[str]
     tokens: list[list[int]]  # generated ids per prompt (the stop token excluded)
     prompt_lengths: list[int]
+    last_prompt_logits: np.ndarray  # [B, V] f32: logits at each prompt's last token
     prefill_s: float
     decode_s: float
     steps: int
@@ -261,7 +262,7 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
         gen.append(ids)
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     return GenerationResult(texts=texts, tokens=gen, prompt_lengths=lengths.tolist(),
-                            prefill_s=t1 - t0, decode_s=t2 - t1, steps=int(loop["step"]))
+                            last_prompt_logits=np.asarray(logits), prefill_s=t1 - t0, decode_s=t2 - t1, steps=int(loop["step"]))
 
 
 class _Streamer:

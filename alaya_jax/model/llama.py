@@ -99,12 +99,13 @@ def full_decode_attention(q, k, v, kv_len):
     """
     B, H, D = q.shape
     K = k.shape[2]
-    qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
-    s = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
+    # Inputs stay in the cache dtype (no f32 copy of the cache); products accumulate in f32.
+    qg = q.reshape(B, K, H // K, D).astype(k.dtype)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
     valid = jnp.arange(k.shape[1])[None, :] < kv_len[:, None]  # [B, S]
     s = jnp.where(valid[:, None, None, :], s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgs,bskd->bkgd", p, v.astype(jnp.float32))
+    o = jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(B, H, D).astype(q.dtype)
 
 
