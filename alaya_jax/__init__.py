@@ -11,6 +11,6 @@ from alaya_jax.errors import ShapeError, UnsupportedModelError
 from alaya_jax.model import KVCache, Llama, LlamaConfig, Tokenizer, default_model_path, load_model
 
 # Generation
-from alaya_jax.generate import FullAttention, GenerationResult, Sampling, generate
+from alaya_jax.generate import FullAttention, GenerationResult, Sampling, decode, generate, prefill
 
 __version__ = "0.1.0"

@@ -102,23 +102,29 @@ def logits_at(graphdef, state, hidden, index):
 
 
 def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, *,
-            chunk: int = 512, progress: Callable[[int, int], None] | None = None):
-    """Chunked prefill of right-padded prompts tokens [B, T] with valid lengths [B].
+            start: int = 0, chunk: int = 512, progress: Callable[[int, int], None] | None = None):
+    """Chunked prefill of right-padded new tokens [B, T] with valid counts lengths [B].
 
-    Returns (logits at each prompt's last token [B, V] f32, cache with lengths set).
-    Memory stays bounded by the chunk size; the first chunk attends causally to itself.
+    The tokens go to positions start..start+T-1 of every sequence (the cache already holds
+    `start` tokens of each, e.g. a reused prefix). Returns (logits at each sequence's last
+    new token [B, V] f32, cache with lengths = start + lengths). Memory stays bounded by the
+    chunk; a chunk at position 0 attends causally to itself, later ones to the cache.
     """
     graphdef, state = nnx.split(model)
     B, T = tokens.shape
     n_chunks = max(1, math.ceil(T / chunk))
     C = min(chunk, _round_up(T, 16))
+    if start + n_chunks * C > cache.max_len:
+        raise ContextLengthError(f"{start} cached + {T} new tokens (padded to {n_chunks * C}) do "
+                                 f"not fit a cache of {cache.max_len} positions")
     padded = np.zeros((B, n_chunks * C), np.int32)
     padded[:, :T] = tokens
     last_logits = None
     lengths = np.asarray(lengths, np.int32)
     for c in range(n_chunks):
         hidden, cache = prefill_chunk(graphdef, state, jnp.asarray(padded[:, c * C:(c + 1) * C]),
-                                      jnp.int32(c * C), cache, first_chunk=(c == 0))
+                                      jnp.int32(start + c * C), cache,
+                                      first_chunk=(start == 0 and c == 0))
         # Each sequence's last token lies in exactly one chunk: take its logits there.
         local = lengths - 1 - c * C
         here = (local >= 0) & (local < C)
@@ -128,7 +134,7 @@ def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCach
                                                                    last_logits)
         if progress is not None:
             progress(min((c + 1) * C, T), T)
-    return last_logits, cache.replace(lengths=jnp.asarray(lengths))
+    return last_logits, cache.replace(lengths=jnp.asarray(start + lengths, jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,12 +235,33 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
 
     t0 = time.perf_counter()
     logits, cache = prefill(model, tokens, lengths, cache, chunk=C)
+    logits.block_until_ready()
+    t1 = time.perf_counter()
+    gen, steps = decode(model, tokenizer, cache, logits, max_new_tokens, sampling=sampling,
+                        attention=attention, seed=seed, stream=stream, stop_at_eos=stop_at_eos)
+    t2 = time.perf_counter()
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
+    return GenerationResult(texts=texts, tokens=gen, prompt_lengths=lengths.tolist(),
+                            last_prompt_logits=np.asarray(logits), prefill_s=t1 - t0,
+                            decode_s=t2 - t1, steps=steps)
+
+
+def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_tokens: int, *,
+           sampling: Sampling = Sampling(), attention=None, seed: int = 0, stream=None,
+           stop_at_eos: bool = True) -> tuple[list[list[int]], int]:
+    """Decodes from a filled cache, given the logits at each sequence's last token [B, V].
+
+    The cache needs room for max_new_tokens more positions. Returns (generated ids per
+    sequence, stop token excluded; decode steps run).
+    """
+    attention = attention or FullAttention()
+    B = logits.shape[0]
+    if int(jnp.max(cache.lengths)) + max_new_tokens > cache.max_len:
+        raise ContextLengthError(f"{int(jnp.max(cache.lengths))} cached + {max_new_tokens} new "
+                                 f"tokens do not fit a cache of {cache.max_len} positions")
     key = jax.random.PRNGKey(seed)
     key, sub = jax.random.split(key)
     first = sample_next(logits, sub, sampling)
-    first.block_until_ready()
-    t1 = time.perf_counter()
-
     graphdef, state = nnx.split(model)
     stop_ids = tuple(sorted(tokenizer.stop_ids())) if stop_at_eos else ()
     static = _LoopStatic(graphdef, sampling, attention, stop_ids)
@@ -244,14 +271,13 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
                 max_new=jnp.int32(max_new_tokens))
     printer = _Streamer(tokenizer, B, stream) if stream else None
     step_chunk = 4 if printer else max_new_tokens
-    while True:
+    while max_new_tokens > 0:
         loop = _decode_loop(static, state, loop, jnp.int32(step_chunk))
         if printer:
             printer.update(np.asarray(loop["out"]))
         if bool(jnp.all(loop["done"])) or int(loop["step"]) >= max_new_tokens:
             break
     out = np.asarray(loop["out"])
-    t2 = time.perf_counter()
     if printer:
         printer.finish()
     gen = []
@@ -260,9 +286,7 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
         if stop_at_eos and ids and ids[-1] in stop_ids:
             ids = ids[:-1]
         gen.append(ids)
-    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
-    return GenerationResult(texts=texts, tokens=gen, prompt_lengths=lengths.tolist(),
-                            last_prompt_logits=np.asarray(logits), prefill_s=t1 - t0, decode_s=t2 - t1, steps=int(loop["step"]))
+    return gen, int(loop["step"])
 
 
 class _Streamer:

@@ -117,3 +117,15 @@ def test_eight_b_shapes_by_eval_shape():
     assert abs(cfg.param_count() - 8.03e9) < 0.01e9
     cache = aj.KVCache.abstract(cfg, 1, 32768, jnp.bfloat16)
     assert cache.k.shape == (32, 1, 32768, 8, 128)
+
+
+def test_unrolled_layers_equal_scanned_layers(tmp_path, tiny):
+    """The GPU default (straight-line layers) and the CPU default (lax.scan) agree."""
+    tl.write_hf(tmp_path, tiny)
+    model, _ = aj.load_model(str(tmp_path))
+    ids = jnp.asarray([[5, 77, 200, 13, 42, 9]])
+    cache = aj.KVCache.zeros(model.cfg, 1, 8, model.dtype)
+    a, ca = model(ids, jnp.arange(6)[None], cache, first_chunk=True, unroll=True)
+    b, cb = model(ids, jnp.arange(6)[None], cache, first_chunk=True, unroll=False)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ca.k), np.asarray(cb.k), atol=1e-5)

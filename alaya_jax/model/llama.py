@@ -145,7 +145,7 @@ class Llama(nnx.Module):
         return {n: getattr(self, n).get_value() for n in names}
 
     def __call__(self, tokens, positions, cache: KVCache, *, attention: AttentionFn | None = None,
-                 first_chunk: bool = False, collect_qkv: bool = False):
+                 first_chunk: bool = False, collect_qkv: bool = False, unroll: bool | None = None):
         """Runs T new tokens per sequence and writes their K/V into the cache.
 
         tokens, positions: [B, T] int32. With T == 1 (decode) the new token of sequence b
@@ -155,6 +155,10 @@ class Llama(nnx.Module):
         `first_chunk` (static) says the chunk starts at 0, so it attends only to itself.
         Returns (hidden [B, T, E], cache with lengths unchanged: the caller advances them),
         plus, with `collect_qkv` (static), the post-RoPE (q [L,B,T,H,D], k, v [L,B,T,K,D]).
+        `unroll` (static; default: on for GPU/TPU) runs the layers as straight-line code:
+        under `lax.scan` XLA copies each layer's weight slice before its matmuls, which made
+        8B decode 2.7x slower on an H200 (11.0 vs 4.1 ms, weights read at 1.27 vs 3.38 TB/s);
+        on the CPU the scan keeps compile times short.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -197,8 +201,18 @@ class Llama(nnx.Module):
             x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, lw["w_down"])
             return (x, kc, vc, li + 1), ((q, k, v) if collect_qkv else None)
 
-        (x, kc, vc, _), qkv = jax.lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)),
-                                         self.layer_weights())
+        if unroll is None:
+            unroll = jax.default_backend() != "cpu"
+        weights = self.layer_weights()
+        if unroll:
+            carry, outs = (x, cache.k, cache.v, 0), []
+            for i in range(cfg.n_layers):  # static i: static slices, no weight copies
+                carry, out = layer(carry, {n: w[i] for n, w in weights.items()})
+                outs.append(out)
+            (x, kc, vc, _) = carry
+            qkv = jax.tree.map(lambda *a: jnp.stack(a), *outs) if collect_qkv else None
+        else:
+            (x, kc, vc, _), qkv = jax.lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)), weights)
         x = rms_norm(x, self.final_norm.get_value(), cfg.norm_eps)
         if collect_qkv:
             return x, cache.replace(k=kc, v=vc), qkv
