@@ -39,33 +39,39 @@ SMOLLM2 = LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_he
 
 
 def random_model(cfg: LlamaConfig, dtype) -> aj.Llama:
-    """Random weights made on the device, one tensor at a time (no f32 copy of 8B params)."""
-    model = nnx.eval_shape(lambda: aj.Llama(cfg, dtype=dtype))
-    key = jax.random.PRNGKey(0)
-    for path, var in nnx.iter_graph(model):
+    """Random weights made on the device, one array at a time, per-layer arrays (the GPU layout)."""
+    model = nnx.eval_shape(lambda: aj.Llama(cfg, dtype=dtype, stack_layers=False))
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 4096))
+
+    def rand(sds):
+        scale = 1.0 if len(sds.shape) == 1 else 0.02
+        return jax.jit(lambda k: jax.random.normal(k, sds.shape, dtype) * scale)(next(keys))
+
+    for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-            key, sub = jax.random.split(key)
-            shape = var.get_value().shape
-            scale = 1.0 if len(shape) == 1 else 0.02
-            var.set_value(jax.jit(lambda k: jax.random.normal(k, shape, dtype) * scale)(sub))
+            value = var.get_value()
+            var.set_value(tuple(map(rand, value)) if isinstance(value, tuple) else rand(value))
     model.rope_inv_freq.set_value(jnp.asarray(aj.model.llama.rope_inv_freq(cfg)))
     return model
 
 
 def read_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
-    """Bytes read per second by a reduction over a large array, `reps` times inside one jit
-    (the multiply by a loop-dependent 1 keeps XLA from hoisting the sum out of the loop)."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    """Bytes read per second by a reduction over a large random array, `reps` times inside
+    one jit (the multiply by a loop-dependent 1 keeps XLA from hoisting the sum)."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (nbytes // 2,), jnp.bfloat16)
 
-    def body(i, acc):
-        return acc + jnp.sum(x * (1 + i * 0).astype(x.dtype), dtype=jnp.float32)
+    def reps_of_sum(x):
+        def body(i, acc):
+            return acc + jnp.sum(x * (1 + i * 0).astype(x.dtype), dtype=jnp.float32)
 
-    f = jax.jit(lambda: jax.lax.fori_loop(0, reps, body, jnp.float32(0)))
-    f().block_until_ready()
+        return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
+
+    f = jax.jit(reps_of_sum)
+    f(x).block_until_ready()
     ts = []
     for _ in range(5):
         t = time.perf_counter()
-        f().block_until_ready()
+        f(x).block_until_ready()
         ts.append(time.perf_counter() - t)
     return reps * x.nbytes / float(np.median(ts))
 
@@ -114,7 +120,8 @@ def time_prefill(model, context: int, chunk: int, repeats: int) -> float:
 
 
 def weight_bytes(model) -> int:
-    return sum(v.get_value().nbytes for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param))
+    return sum(a.nbytes for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)
+               for a in jax.tree.leaves(v.get_value()))
 
 
 def main(argv=None):

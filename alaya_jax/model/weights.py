@@ -178,19 +178,30 @@ def read_hf(directory: str, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np
 
 
 def assign_weights(model, weights: dict[str, np.ndarray]) -> None:
-    """Writes loaded arrays into an (abstract or concrete) `Llama`, checking every shape."""
-    expected = {n: getattr(model, n) for n in (*LAYER_NAMES, "embed", "final_norm")}
+    """Writes loaded arrays into an (abstract or concrete) `Llama`, checking every shape.
+
+    Per-layer weights arrive stacked [L, ...]; a model with `stacked=False` gets a tuple of
+    L device arrays instead (one per layer)."""
+    cfg = model.cfg
+    per_layer = layer_shapes(cfg)
+    expected = {n: (cfg.n_layers,) + shape for n, shape in per_layer.items()}
+    expected["embed"] = (cfg.vocab_size, cfg.dim)
+    expected["final_norm"] = (cfg.dim,)
     if model.lm_head is not None:
-        expected["lm_head"] = model.lm_head
+        expected["lm_head"] = (cfg.dim, cfg.vocab_size)
     missing = set(expected) - set(weights)
     if missing:
         raise ModelFileError(f"checkpoint lacks weights {sorted(missing)}")
-    for name, var in expected.items():
+    dtype = model.embed.get_value().dtype
+    for name, shape in expected.items():
         arr = weights[name]
-        if tuple(arr.shape) != tuple(var.get_value().shape):
-            raise ShapeError(f"weight {name!r} has shape {tuple(arr.shape)}, the config expects "
-                             f"{tuple(var.get_value().shape)}")
-        var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
+        if tuple(arr.shape) != shape:
+            raise ShapeError(f"weight {name!r} has shape {tuple(arr.shape)}, the config expects {shape}")
+        var = getattr(model, name)
+        if name in per_layer and not model.stacked:
+            var.set_value(tuple(jnp.asarray(arr[i], dtype=dtype) for i in range(cfg.n_layers)))
+        else:
+            var.set_value(jnp.asarray(arr, dtype=dtype))
     if "rope_inv_freq" in weights:
         model.rope_inv_freq.set_value(jnp.asarray(weights["rope_inv_freq"]))
     else:  # an abstract model (nnx.eval_shape) holds only the shape: compute the values
