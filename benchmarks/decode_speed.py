@@ -80,9 +80,10 @@ def time_decode(model, batch: int, context: int, steps: int, repeats: int) -> fl
     """Median seconds per decode step at `context` cached tokens, batch `batch`."""
     cfg = model.cfg
     max_len = -(-(context + steps + 1) // 256) * 256
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    mk = jax.jit(lambda k: jax.random.normal(k, shape, model.dtype))
-    cache = aj.KVCache(k=mk(jax.random.PRNGKey(1)), v=mk(jax.random.PRNGKey(2)),
+    abstract = aj.KVCache.abstract(cfg, batch, max_len, model.dtype)  # the backend's layout
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 2 * cfg.n_layers + 2))
+    fill = lambda s: jax.jit(lambda k: jax.random.normal(k, s.shape, s.dtype))(next(keys))
+    cache = aj.KVCache(k=jax.tree.map(fill, abstract.k), v=jax.tree.map(fill, abstract.v),
                        lengths=jnp.full((batch,), context, jnp.int32))
     graphdef, state = nnx.split(model)
     static = _LoopStatic(graphdef, Sampling(), FullAttention(), ())

@@ -131,6 +131,24 @@ def test_unrolled_layers_equal_scanned_layers(tmp_path, tiny):
     np.testing.assert_allclose(np.asarray(ca.k), np.asarray(cb.k), atol=1e-5)
 
 
+def test_per_layer_cache_equals_stacked_cache(tmp_path, tiny):
+    """The GPU cache layout (a tuple of per-layer buffers) through prefill chunks and decode."""
+    tl.write_hf(tmp_path, tiny)
+    model, _ = aj.load_model(str(tmp_path))
+    ids = jnp.asarray([[5, 77, 200, 13, 42, 9, 8, 7]])
+    outs = []
+    for stacked in (True, False):
+        cache = aj.KVCache.zeros(model.cfg, 1, 12, model.dtype, stacked=stacked)
+        assert cache.stacked == stacked and cache.max_len == 12 and cache.n_layers == 2
+        h1, cache = model(ids[:, :4], jnp.arange(4)[None], cache, first_chunk=True)
+        h2, cache = model(ids[:, 4:], jnp.arange(4, 8)[None], cache)
+        cache = cache.replace(lengths=jnp.array([8], jnp.int32))
+        h3, cache = model(jnp.asarray([[11]]), jnp.array([[8]]), cache)
+        outs.append((h1, h2, h3, cache.as_stacked().k))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_per_layer_weights_equal_stacked_weights(tmp_path, tiny):
     """The GPU weight layout (a tuple of per-layer arrays) computes what the stacked one does,
     through prefill and the jitted decode loop."""

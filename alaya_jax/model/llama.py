@@ -68,26 +68,73 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys (post-RoPE) and values of every layer, right-padded per sequence."""
+    """Keys (post-RoPE) and values of every layer, right-padded per sequence.
 
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
+    k and v are either stacked arrays [L, B, S, K, D] (the CPU default) or tuples of L arrays
+    [B, S, K, D] (the GPU default: a decode loop then updates and reads each layer's buffer in
+    place, where slices of a stacked cache were copied every step). `layer(i)` reads either.
+    """
+
+    k: jax.Array | tuple  # [L, B, S, K, D] or L x [B, S, K, D]
+    v: jax.Array | tuple
     lengths: jax.Array  # [B] int32: valid tokens per sequence
 
     @staticmethod
-    def abstract(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        return KVCache(k=jax.ShapeDtypeStruct(shape, dtype), v=jax.ShapeDtypeStruct(shape, dtype),
-                       lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
+    def abstract(cfg: LlamaConfig, batch: int, max_len: int, dtype,
+                 stacked: bool | None = None) -> "KVCache":
+        stacked = jax.default_backend() == "cpu" if stacked is None else stacked
+        layer = jax.ShapeDtypeStruct((batch, max_len, cfg.n_kv_heads, cfg.head_dim), dtype)
+        if stacked:
+            k = jax.ShapeDtypeStruct((cfg.n_layers,) + layer.shape, dtype)
+        else:
+            k = (layer,) * cfg.n_layers
+        return KVCache(k=k, v=k, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
 
     @staticmethod
-    def zeros(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
+    def zeros(cfg: LlamaConfig, batch: int, max_len: int, dtype,
+              stacked: bool | None = None) -> "KVCache":
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                            KVCache.abstract(cfg, batch, max_len, dtype))
+                            KVCache.abstract(cfg, batch, max_len, dtype, stacked))
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, (tuple, list))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return (self.k if self.stacked else self.k[0]).shape[-3]
+
+    @property
+    def n_layers(self) -> int:
+        return self.k.shape[0] if self.stacked else len(self.k)
+
+    def layer(self, i) -> tuple[jax.Array, jax.Array]:
+        """(k, v) of layer i, each [B, S, K, D]."""
+        return self.k[i], self.v[i]
+
+    def as_stacked(self) -> "KVCache":
+        return self if self.stacked else self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
+
+    def as_layers(self) -> "KVCache":
+        if not self.stacked:
+            return self
+        return self.replace(k=tuple(self.k[i] for i in range(self.n_layers)),
+                            v=tuple(self.v[i] for i in range(self.n_layers)))
+
+
+def _write_token(cache, li, pos, val):
+    """Writes val [B, K, D] at position pos [B] of layer li (li static for a tuple cache)."""
+    b = jnp.arange(val.shape[0])
+    if isinstance(cache, tuple):
+        return cache[:li] + (cache[li].at[b, pos].set(val),) + cache[li + 1:]
+    return cache.at[li, b, pos].set(val)
+
+
+def _write_chunk(cache, li, start, val):
+    """Writes val [B, T, K, D] at positions start..start+T-1 of layer li."""
+    if isinstance(cache, tuple):
+        return cache[:li] + (jax.lax.dynamic_update_slice(cache[li], val, (0, start, 0, 0)),) + cache[li + 1:]
+    return jax.lax.dynamic_update_slice(cache, val[None], (li, 0, start, 0, 0))
 
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -184,6 +231,7 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed.get_value(), tokens, axis=0)  # [B, T, E]
         start = positions[0, 0]
         S = cache.max_len
+        cache_dtype = jax.tree.leaves(cache.k)[0].dtype
 
         def layer(carry, lw):
             x, kc, vc, li = carry
@@ -192,16 +240,15 @@ class Llama(nnx.Module):
             k = jnp.einsum("bte,ef->btf", h, lw["wk"]).reshape(B, T, K, D)
             v = jnp.einsum("bte,ef->btf", h, lw["wv"]).reshape(B, T, K, D)
             q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq).astype(kc.dtype)
-            v = v.astype(vc.dtype)
+            k = apply_rope(k, positions, inv_freq).astype(cache_dtype)
+            v = v.astype(cache_dtype)
             if decode:
-                b = jnp.arange(B)
-                kc = kc.at[li, b, cache.lengths].set(k[:, 0])
-                vc = vc.at[li, b, cache.lengths].set(v[:, 0])
+                kc = _write_token(kc, li, cache.lengths, k[:, 0])
+                vc = _write_token(vc, li, cache.lengths, v[:, 0])
                 o = attention(q[:, 0], kc[li], vc[li], cache.lengths + 1)[:, None]
             else:
-                kc = jax.lax.dynamic_update_slice(kc, k[None], (li, 0, start, 0, 0))
-                vc = jax.lax.dynamic_update_slice(vc, v[None], (li, 0, start, 0, 0))
+                kc = _write_chunk(kc, li, start, k)
+                vc = _write_chunk(vc, li, start, v)
                 if first_chunk:
                     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
                 else:
@@ -218,7 +265,7 @@ class Llama(nnx.Module):
 
         if unroll is None:
             unroll = jax.default_backend() != "cpu"
-        unroll = unroll or not self.stacked  # scan needs stacked weights
+        unroll = unroll or not self.stacked or not cache.stacked  # scan needs stacked arrays
         weights = self.layer_weights()
         if unroll:
             carry, outs = (x, cache.k, cache.v, 0), []
