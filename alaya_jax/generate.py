@@ -57,6 +57,7 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     steps: int
+    attention_stats: dict | None = None  # sparse methods: fractions of the context attended/read
 
     @property
     def text(self) -> str:
@@ -148,7 +149,8 @@ class _LoopStatic:
 def _decode_loop_impl(static: _LoopStatic, state, loop, n_steps):
     """Runs up to n_steps decode steps (stopping early when every sequence is done)."""
     model = nnx.merge(static.graphdef, state)
-    attn = static.attention.decode_fn()
+    stateful = hasattr(static.attention, "prepare")
+    attn = static.attention.decode if stateful else static.attention.decode_fn()
     stop = jnp.asarray(static.stop_ids or (-1,), jnp.int32)
     limit = loop["step"] + n_steps
 
@@ -160,12 +162,26 @@ def _decode_loop_impl(static: _LoopStatic, state, loop, n_steps):
         tok = lp["next"]  # [B] the token to feed now (already sampled)
         out = lp["out"].at[:, lp["step"]].set(jnp.where(lp["done"], -1, tok))
         done = lp["done"] | jnp.isin(tok, stop) | (lp["step"] + 1 >= lp["max_new"])
-        hidden, cache = model(tok[:, None], cache.lengths[:, None], cache, attention=attn)
+        extra = {}
+        if stateful:
+            hidden, cache, attn_state, st = model(tok[:, None], cache.lengths[:, None], cache,
+                                                  attention=attn, attn_state=lp["attn"])
+            live = (~lp["done"]).astype(jnp.float32)  # count steps of live sequences only
+            acc = lp["stats"]
+            extra = dict(attn=attn_state, stats=dict(
+                attended=acc["attended"] + st["attended"].sum(-1) * live,
+                read=acc["read"] + st["read"].sum(-1) * live,
+                context=acc["context"] + st["context"] * live,
+                truncated=acc["truncated"] + st["truncated"] * live.astype(jnp.int32),
+                steps=acc["steps"] + live))
+        else:
+            hidden, cache = model(tok[:, None], cache.lengths[:, None], cache, attention=attn)
         cache = cache.replace(lengths=cache.lengths + jnp.where(lp["done"], 0, 1))
         logits = model.logits(hidden[:, 0])
         key, sub = jax.random.split(lp["key"])
         nxt = sample_next(logits, sub, static.sampling)
-        return dict(lp, cache=cache, next=nxt, out=out, done=done, key=key, step=lp["step"] + 1)
+        return dict(lp, cache=cache, next=nxt, out=out, done=done, key=key, step=lp["step"] + 1,
+                    **extra)
 
     return jax.lax.while_loop(cond, body, loop)
 
@@ -237,22 +253,24 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
     logits, cache = prefill(model, tokens, lengths, cache, chunk=C)
     logits.block_until_ready()
     t1 = time.perf_counter()
-    gen, steps = decode(model, tokenizer, cache, logits, max_new_tokens, sampling=sampling,
-                        attention=attention, seed=seed, stream=stream, stop_at_eos=stop_at_eos)
+    gen, steps, stats = decode(model, tokenizer, cache, logits, max_new_tokens, sampling=sampling,
+                               attention=attention, seed=seed, stream=stream,
+                               stop_at_eos=stop_at_eos)
     t2 = time.perf_counter()
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     return GenerationResult(texts=texts, tokens=gen, prompt_lengths=lengths.tolist(),
                             last_prompt_logits=np.asarray(logits), prefill_s=t1 - t0,
-                            decode_s=t2 - t1, steps=steps)
+                            decode_s=t2 - t1, steps=steps, attention_stats=stats)
 
 
 def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_tokens: int, *,
            sampling: Sampling = Sampling(), attention=None, seed: int = 0, stream=None,
-           stop_at_eos: bool = True) -> tuple[list[list[int]], int]:
+           stop_at_eos: bool = True) -> tuple[list[list[int]], int, dict | None]:
     """Decodes from a filled cache, given the logits at each sequence's last token [B, V].
 
-    The cache needs room for max_new_tokens more positions. Returns (generated ids per
-    sequence, stop token excluded; decode steps run).
+    The cache needs room for max_new_tokens more positions. A stateful attention method
+    (`alaya_jax.methods`) builds its indexes over the cache first. Returns (generated ids per
+    sequence, stop token excluded; decode steps run; attention stats or None).
     """
     attention = attention or FullAttention()
     B = logits.shape[0]
@@ -269,6 +287,12 @@ def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_t
     loop = dict(cache=cache, next=first, out=jnp.full((B, buf), -1, jnp.int32),
                 done=jnp.zeros((B,), bool), key=key, step=jnp.int32(0),
                 max_new=jnp.int32(max_new_tokens))
+    if hasattr(attention, "prepare"):  # build the indexes over the prefilled cache
+        L = model.cfg.n_layers
+        loop["attn"] = attention.prepare(cache, model.cfg.n_heads)
+        loop["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
+                             context=jnp.zeros((L, B)), truncated=jnp.zeros((L, B), jnp.int32),
+                             steps=jnp.zeros((B,)))
     printer = _Streamer(tokenizer, B, stream) if stream else None
     step_chunk = 4 if printer else max_new_tokens
     while max_new_tokens > 0:
@@ -286,7 +310,22 @@ def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_t
         if stop_at_eos and ids and ids[-1] in stop_ids:
             ids = ids[:-1]
         gen.append(ids)
-    return gen, int(loop["step"])
+    stats = None
+    if "stats" in loop:
+        stats = summarize_stats(jax.device_get(loop["stats"]), model.cfg)
+    return gen, int(loop["step"]), stats
+
+
+def summarize_stats(acc, cfg) -> dict:
+    """Decode-attention statistics as fractions of the context, averaged over steps/layers."""
+    ctx = np.maximum(acc["context"], 1)  # [L, B] summed context over live steps
+    attended = acc["attended"] / cfg.n_heads / ctx  # mean over heads
+    read = acc["read"] / cfg.n_kv_heads / ctx
+    return dict(attended_fraction=float(attended.mean()), read_fraction=float(read.mean()),
+                attended_fraction_per_layer=attended.mean(-1).tolist(),
+                read_fraction_per_layer=read.mean(-1).tolist(),
+                mean_context=float((acc["context"].sum(0) / np.maximum(acc["steps"], 1) / cfg.n_layers).mean()),
+                truncated_layer_steps=int(acc["truncated"].sum()), steps=acc["steps"].tolist())
 
 
 class _Streamer:

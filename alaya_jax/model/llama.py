@@ -14,7 +14,7 @@ F ffn width, V vocab, L layers.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -137,7 +137,9 @@ def _write_chunk(cache, li, start, val):
     return jax.lax.dynamic_update_slice(cache, val[None], (li, 0, start, 0, 0))
 
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# Decode attention: fn(q [B,H,D], k [B,S,K,D], v, kv_len [B]) -> o [B,H,D]; with a per-layer
+# state (an index over the cache), fn(q, k, v, kv_len, state) -> (o, state, stats).
+AttentionFn = Callable[..., Any]
 
 
 def full_decode_attention(q, k, v, kv_len):
@@ -207,7 +209,8 @@ class Llama(nnx.Module):
         return {n: getattr(self, n).get_value() for n in names}
 
     def __call__(self, tokens, positions, cache: KVCache, *, attention: AttentionFn | None = None,
-                 first_chunk: bool = False, collect_qkv: bool = False, unroll: bool | None = None):
+                 first_chunk: bool = False, collect_qkv: bool = False, unroll: bool | None = None,
+                 attn_state: Any = None):
         """Runs T new tokens per sequence and writes their K/V into the cache.
 
         tokens, positions: [B, T] int32. With T == 1 (decode) the new token of sequence b
@@ -221,6 +224,9 @@ class Llama(nnx.Module):
         under `lax.scan` XLA copies each layer's weight slice before its matmuls, which made
         8B decode 2.7x slower on an H200 (11.0 vs 4.1 ms, weights read at 1.27 vs 3.38 TB/s);
         on the CPU the scan keeps compile times short.
+        `attn_state` (decode only): per-layer state of a stateful attention method, stacked
+        [L, ...] in the scan and a tuple of L in the unrolled path; the call then returns
+        (hidden, cache, new attn_state, per-layer stats) with stats stacked [L, ...].
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -233,7 +239,8 @@ class Llama(nnx.Module):
         S = cache.max_len
         cache_dtype = jax.tree.leaves(cache.k)[0].dtype
 
-        def layer(carry, lw):
+        def layer(carry, xs):
+            lw, st = xs
             x, kc, vc, li = carry
             h = rms_norm(x, lw["attn_norm"], cfg.norm_eps)
             q = jnp.einsum("bte,ef->btf", h, lw["wq"]).reshape(B, T, H, D)
@@ -245,7 +252,11 @@ class Llama(nnx.Module):
             if decode:
                 kc = _write_token(kc, li, cache.lengths, k[:, 0])
                 vc = _write_token(vc, li, cache.lengths, v[:, 0])
-                o = attention(q[:, 0], kc[li], vc[li], cache.lengths + 1)[:, None]
+                if attn_state is None:
+                    o = attention(q[:, 0], kc[li], vc[li], cache.lengths + 1)
+                else:
+                    o, st, stat = attention(q[:, 0], kc[li], vc[li], cache.lengths + 1, st)
+                o = o[:, None]
             else:
                 kc = _write_chunk(kc, li, start, k)
                 vc = _write_chunk(vc, li, start, v)
@@ -261,7 +272,8 @@ class Llama(nnx.Module):
             g = jnp.einsum("bte,ef->btf", h, lw["w_gate"])
             u = jnp.einsum("bte,ef->btf", h, lw["w_up"])
             x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, lw["w_down"])
-            return (x, kc, vc, li + 1), ((q, k, v) if collect_qkv else None)
+            ys = ((q, k, v) if collect_qkv else None, st, stat if attn_state is not None else None)
+            return (x, kc, vc, li + 1), ys
 
         if unroll is None:
             unroll = jax.default_backend() != "cpu"
@@ -270,16 +282,30 @@ class Llama(nnx.Module):
         if unroll:
             carry, outs = (x, cache.k, cache.v, 0), []
             for i in range(cfg.n_layers):  # static i: static slices, no weight copies
-                carry, out = layer(carry, {n: w[i] for n, w in weights.items()})
+                st = None
+                if attn_state is not None:
+                    st = (attn_state[i] if isinstance(attn_state, tuple)
+                          else jax.tree.map(lambda a: a[i], attn_state))
+                carry, out = layer(carry, ({n: w[i] for n, w in weights.items()}, st))
                 outs.append(out)
             (x, kc, vc, _) = carry
-            qkv = jax.tree.map(lambda *a: jnp.stack(a), *outs) if collect_qkv else None
+            qkv = jax.tree.map(lambda *a: jnp.stack(a), *[o[0] for o in outs]) if collect_qkv else None
+            new_state = tuple(o[1] for o in outs)
+            if attn_state is not None and not isinstance(attn_state, tuple):
+                new_state = jax.tree.map(lambda *a: jnp.stack(a), *new_state)
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *[o[2] for o in outs])
         else:
-            (x, kc, vc, _), qkv = jax.lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)), weights)
+            if isinstance(attn_state, tuple):
+                attn_state = jax.tree.map(lambda *a: jnp.stack(a), *attn_state)
+            (x, kc, vc, _), (qkv, new_state, stats) = jax.lax.scan(
+                layer, (x, cache.k, cache.v, jnp.int32(0)), (weights, attn_state))
         x = rms_norm(x, self.final_norm.get_value(), cfg.norm_eps)
+        cache = cache.replace(k=kc, v=vc)
+        if attn_state is not None:
+            return x, cache, new_state, stats
         if collect_qkv:
-            return x, cache.replace(k=kc, v=vc), qkv
-        return x, cache.replace(k=kc, v=vc)
+            return x, cache, qkv
+        return x, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., E] (already normed) -> logits [..., V] in f32."""
