@@ -36,3 +36,31 @@ class ModelFileError(AlayaError, OSError):
 
 class ContextLengthError(AlayaError, ValueError):
     """A prompt (plus the tokens to generate) longer than the model's context."""
+
+
+# --- the database: sessions, pages, persistence (owned by alaya_jax/store/ and db.py) -----
+class SessionError(AlayaError):
+    """A session used in a way its state does not allow (closed, mid-update, no logits yet)."""
+
+
+class SessionNotFoundError(SessionError, KeyError):
+    """No stored session has the given name."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PoolFullError(SessionError, MemoryError):
+    """The page pool reached its max_pages and no free page is left."""
+
+
+class CheckpointError(SessionError, OSError):
+    """A stored session cannot be read: damaged, truncated or missing files."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A stored session was written in a format newer than this alaya_jax reads."""
+
+
+class ModelMismatchError(CheckpointError):
+    """A stored session was computed by another model (its fingerprint differs)."""

@@ -1,0 +1,664 @@
+"""`sparse_attention(q, store, plan) -> (o, stats)`: one decode step of attention as a query.
+
+The store holds the model's decode cache (per layer k, v [B, S, K, D] post-RoPE, lengths [B])
+and optional indexes over it; the plan says how to answer:
+
+    Plan.full()                     every key
+    Plan.streaming(sink, window)    sink + window only
+    Plan.topk(k)                    exact top-k tokens per query head (+ sink, window)
+    Plan.quest(pages)               top pages per query head by the min/max bound (Quest)
+    Plan.dipr(beta, index=...)      DIPR through the "flat", "block" or "cluster" index
+
+Every path is pure and jittable with the plan static (`sparse_attention_jit`). Stats report,
+per call: keys attended per query head, keys read and rows scored per kv head, groups kept
+and needed, the threshold, and whether a static capacity truncated anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alaya_jax.dipr import (MASK_VALUE, AttentionOut, always_kept, check_decode_shapes, dipr_mask,
+                            masked_attention, merge_attention, normalize, positions_mask,
+                            scaled_scores)
+from alaya_jax.errors import ConfigError, PlanError, ShapeError
+from alaya_jax.index.block import (BlockConfig, BlockIndex, append_block_index, build_block_index,
+                                   page_upper_bounds)
+from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex, Selection, _valid_slots,
+                                     build_cluster_index, centroid_scores, fold_tail,
+                                     gather_blocks, gathered_attention, gathered_scores, kept_mask,
+                                     remainder_estimate, select_blocks)
+
+_KINDS = ("full", "streaming", "topk", "quest", "dipr")
+_INDEXES = ("flat", "block", "cluster")
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How to answer one attention call (frozen, hashable: static under jit).
+
+    beta: DIPR margin in units of q.k/sqrt(D). sink/window: always-kept tokens.
+    k: tokens per query head (topk). pages: pages per query head (quest).
+    capacity: max groups (blocks/pages) read per kv head; None = all (never truncates).
+    delta: selection margin (cluster/block DIPR); None = the index's calibrated delta
+      (0 for the block index, whose bound is exact). float('inf') reads every group.
+    probe: best groups per query head scored exactly first to raise m' (cluster/block DIPR).
+    rank_std: rank clusters by q.c + rank_std * (std of q.k over the cluster's keys, from the
+      per-channel variance) instead of q.c: an estimate of the cluster's best key rather than
+      its mean (costs a second summary row per block).
+    rank_var: rank by q.c + rank_var * var(q.k) / 2 (the log-normal estimate of the cluster's
+      mean softmax weight: ranks by expected mass; also costs the second row).
+    mass_eps: also keep clusters until the estimated softmax mass left unread is at most
+      mass_eps of the estimated total (cluster index; 0: off). DIPR's rule is relative to the
+      max, so a head whose mass is spread thin (the max in the sink, the rest diffuse) keeps
+      few clusters and misses mass; this rule reads more exactly there.
+    remainder: add the estimate of unread clusters (cluster index only).
+    remainder_var: scale of the per-channel variance (log-normal) correction in that estimate
+      (0: the plain n * exp(q.c) estimate; 1: the full Gaussian correction, which overshoots
+      on real keys).
+    attend_read: attend every read key, not only those above the DIPR threshold.
+    return_mask: add the attended positions [B,H,S] to the stats (for measurement).
+    """
+
+    kind: str = "dipr"
+    index: str = "flat"
+    beta: float = 4.0
+    sink: int = 4
+    window: int = 64
+    k: int = 0
+    pages: int = 0
+    capacity: Optional[int] = None
+    delta: Optional[float] = None
+    probe: int = 2
+    rank_std: float = 0.0
+    rank_var: float = 0.0
+    mass_eps: float = 0.0
+    remainder: bool = False
+    remainder_var: float = 0.0
+    attend_read: bool = False
+    return_mask: bool = False
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ConfigError(f"Plan.kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.index not in _INDEXES:
+            raise ConfigError(f"Plan.index must be one of {_INDEXES}, got {self.index!r}")
+        if self.sink < 0 or self.window < 0 or self.probe < 0:
+            raise ConfigError(f"sink, window, probe must be >= 0; got {self.sink}, "
+                              f"{self.window}, {self.probe}")
+        if self.kind == "topk" and self.k < 1:
+            raise ConfigError(f"a topk plan needs k >= 1, got {self.k}")
+        if self.kind == "quest" and self.pages < 1:
+            raise ConfigError(f"a quest plan needs pages >= 1, got {self.pages}")
+        if self.capacity is not None and self.capacity < 1:
+            raise ConfigError(f"capacity must be >= 1 or None, got {self.capacity}")
+        if self.remainder and not (self.kind == "dipr" and self.index == "cluster"):
+            raise ConfigError("remainder=True needs a dipr plan through the cluster index")
+        if not self.beta >= 0:
+            raise ConfigError(f"beta must be >= 0 (float('inf') keeps every key), got {self.beta}")
+
+    @staticmethod
+    def full(**kw) -> "Plan":
+        return Plan(kind="full", **kw)
+
+    @staticmethod
+    def streaming(sink: int = 4, window: int = 64, **kw) -> "Plan":
+        return Plan(kind="streaming", sink=sink, window=window, **kw)
+
+    @staticmethod
+    def topk(k: int, sink: int = 4, window: int = 64, **kw) -> "Plan":
+        return Plan(kind="topk", k=k, sink=sink, window=window, **kw)
+
+    @staticmethod
+    def quest(pages: int, sink: int = 4, window: int = 64, **kw) -> "Plan":
+        return Plan(kind="quest", index="block", pages=pages, sink=sink, window=window, **kw)
+
+    @staticmethod
+    def dipr(beta: float = 4.0, index: str = "cluster", sink: int = 4, window: int = 64,
+             **kw) -> "Plan":
+        return Plan(kind="dipr", index=index, beta=beta, sink=sink, window=window, **kw)
+
+    def describe(self) -> str:
+        if self.kind == "dipr":
+            extra = f", delta={self.delta}" if self.delta is not None else ""
+            extra += ", +remainder" if self.remainder else ""
+            return f"dipr(beta={self.beta}, index={self.index}{extra})"
+        if self.kind == "topk":
+            return f"topk(k={self.k})"
+        if self.kind == "quest":
+            return f"quest(pages={self.pages})"
+        return self.kind
+
+
+# ----------------------------------------------------------------------------- store
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """Which indexes a store builds over its cache (None: not built)."""
+
+    cluster: Optional[ClusterConfig] = ClusterConfig()
+    block: Optional[BlockConfig] = BlockConfig()
+
+
+@flax.struct.dataclass
+class KVStore:
+    """One layer's decode cache plus its indexes (a pytree)."""
+
+    k: jax.Array  # [B, S, K, D] post-RoPE keys
+    v: jax.Array  # [B, S, K, D]
+    lengths: jax.Array  # [B] int32 valid prefix
+    cluster: Optional[ClusterIndex] = None
+    block: Optional[BlockIndex] = None
+
+    @staticmethod
+    def abstract(config: IndexConfig, B: int, S: int, H: int, K: int, D: int,
+                 dtype=jnp.bfloat16) -> "KVStore":
+        sds = jax.ShapeDtypeStruct
+        return KVStore(
+            k=sds((B, S, K, D), dtype), v=sds((B, S, K, D), dtype), lengths=sds((B,), jnp.int32),
+            cluster=None if config.cluster is None else ClusterIndex.abstract(
+                config.cluster, B, S, H, K, D, dtype),
+            block=None if config.block is None else BlockIndex.abstract(config.block, B, S, K, D))
+
+
+def build_store(k, v, lengths, config: IndexConfig = IndexConfig(), n_heads: int | None = None,
+                delta=None, queries=None) -> KVStore:
+    """Builds the configured indexes over a decode cache.
+
+    k, v [B, S, K, D] (post-RoPE keys), lengths [B] int32 (each sequence's valid prefix).
+    n_heads: H of the model (for the per-query-head delta; default K). queries: optional
+    [B, T, H, D] sample queries (the prefill's last positions) for query-aware clustering
+    (`index.cluster.query_metric`). Jittable with config static; see `build_store_jit`.
+    """
+    if k.ndim != 4 or v.shape != k.shape:
+        raise ShapeError(f"expected k, v [B,S,K,D]; got k {k.shape}, v {v.shape}")
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (k.shape[0],):
+        raise ShapeError(f"lengths must be [B]=({k.shape[0]},), got {lengths.shape}")
+    cluster = None if config.cluster is None else build_cluster_index(
+        k, v, lengths, config.cluster, n_heads, delta, queries)
+    block = None if config.block is None else build_block_index(k, lengths, config.block)
+    return KVStore(k, v, lengths, cluster, block)
+
+
+build_store_jit = jax.jit(build_store, static_argnames=("config", "n_heads"))
+
+
+def append_kv(store: KVStore, k_new, v_new):
+    """Appends T tokens to every sequence: k_new, v_new [B, T, K, D] at positions lengths[b]+t.
+
+    Updates the block index and the cluster tail (folding it into the clusters whenever it
+    would pass tail_capacity, so no token is ever outside both the index and the tail).
+    Returns (store, overflow [B] bool): True where the cache capacity S was exceeded and
+    tokens were dropped (the caller must rebuild with a larger cache). Jittable.
+    """
+    B, S, K, D = store.k.shape
+    T = k_new.shape[1]
+    pos = store.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B,T]
+    bidx = jnp.arange(B)[:, None]
+    k = store.k.at[bidx, pos].set(k_new.astype(store.k.dtype), mode="drop")
+    v = store.v.at[bidx, pos].set(v_new.astype(store.v.dtype), mode="drop")
+    overflow = store.lengths + T > S
+    lengths = jnp.minimum(store.lengths + T, S)
+    block = store.block
+    if block is not None:
+        block = append_block_index(block, k_new, store.lengths)
+    cluster = store.cluster
+    if cluster is not None:
+        cap = min(cluster.config.tail_capacity, S)
+        cluster = jax.lax.while_loop(
+            lambda c: jnp.any(lengths - c.end > cap),
+            lambda c: fold_tail(c, k, v, lengths), cluster)
+    return KVStore(k, v, lengths, cluster, block), overflow
+
+
+def needs_rebuild(store: KVStore, fraction: float = 0.25) -> bool:
+    """Host-side policy: True once the tokens folded in since the build exceed `fraction` of
+    the index (appended keys join existing clusters, which slowly degrades the ranking)."""
+    if store.cluster is None:
+        return False
+    opened = np.asarray(store.cluster.cluster_id) == -2
+    folded = np.asarray(store.cluster.block_len)[opened].sum()
+    return bool(folded > fraction * np.asarray(store.cluster.block_len).sum())
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+class Stats(NamedTuple):
+    keys_attended: jax.Array  # [B, H] int32 keys in the softmax (exactly)
+    keys_read: jax.Array  # [B, K] int32 rows scored + keys read from memory
+    rows_scored: jax.Array  # [B, K] int32 summary rows scored (centroids, 2 per Quest page)
+    groups_kept: jax.Array  # [B, K] int32 blocks/pages read
+    groups_needed: jax.Array  # [B, K] int32 blocks/pages the rule asked for
+    threshold: jax.Array  # [B, H] f32 (MASK_VALUE where none applies)
+    truncated: jax.Array  # [B] bool: a static capacity dropped something
+    context: jax.Array  # [B] int32 tokens in the cache
+    attended: Optional[jax.Array] = None  # [B, H, S] bool when plan.return_mask
+
+
+def _zeros_bk(B, K):
+    return jnp.zeros((B, K), jnp.int32)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _Exact(NamedTuple):
+    s: jax.Array  # [B,H,M] scores
+    pos: jax.Array  # [B,M] positions
+    valid: jax.Array  # [B,M]
+    v: jax.Array  # [B,K,M,D]
+
+
+def _take_tokens(x, start, size):
+    """x [B,S,K,D], start [B] -> ([B,K,size,D], pos [B,size]); start clamped into range."""
+    S = x.shape[1]
+    st = jnp.clip(start, 0, S - size)
+    out = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, size, axis=0))(x, st)
+    return out.transpose(0, 2, 1, 3), st[:, None] + jnp.arange(size, dtype=jnp.int32)[None, :]
+
+
+def _exact_region(q, store: KVStore, sink: int, tail_start, tail_size: int, lengths) -> _Exact:
+    """Scores of positions [0, sink) and [tail_start, lengths) (tail_size static slots)."""
+    B, S, K, D = store.k.shape
+    s0 = min(sink, S)
+    tsz = min(tail_size, S)
+    ks = store.k[:, :s0].transpose(0, 2, 1, 3)
+    vs = store.v[:, :s0].transpose(0, 2, 1, 3)
+    ps = jnp.broadcast_to(jnp.arange(s0, dtype=jnp.int32), (B, s0))
+    kt, pt = _take_tokens(store.k, tail_start, tsz)
+    vt, _ = _take_tokens(store.v, tail_start, tsz)
+    kk = jnp.concatenate([ks, kt], axis=2)  # [B,K,M,D]
+    vv = jnp.concatenate([vs, vt], axis=2)
+    pos = jnp.concatenate([ps, pt], axis=1)  # [B,M]
+    in_sink = jnp.arange(s0 + tsz)[None, :] < s0
+    valid = (pos < lengths[:, None]) & (in_sink | ((pos >= tail_start[:, None]) & (pos >= s0)))
+    H = q.shape[1]
+    qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
+    s = jnp.einsum("bkgd,bkmd->bkgm", qg, kk.astype(jnp.float32)) / math.sqrt(D)
+    return _Exact(s.reshape(B, H, -1), pos, valid, vv)
+
+
+def _attend(s, mask, gv):
+    """s, mask [B,H,M], gv [B,K,M,D] -> AttentionOut (f32)."""
+    B, H, M = s.shape
+    K, D = gv.shape[1], gv.shape[3]
+    s = jnp.where(mask, s, MASK_VALUE)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    l = jnp.sum(p, axis=-1)
+    acc = jnp.einsum("bkgm,bkmd->bkgd", p.reshape(B, K, H // K, M), gv.astype(jnp.float32))
+    return normalize(acc.reshape(B, H, D), l, m)
+
+
+def _masked_max(s, mask):
+    return jnp.max(jnp.where(mask, s, MASK_VALUE), axis=-1)
+
+
+def _scatter_mask(B, H, S, pos, mask):
+    """pos [B,H|1,M] int, mask [B,H,M] -> [B,H,S] bool (pos < 0 ignored)."""
+    pos = jnp.broadcast_to(pos, mask.shape)
+    pos = jnp.where(mask & (pos >= 0), pos, S)
+    f = lambda p, m: jnp.zeros((S,), bool).at[p].max(m, mode="drop")
+    return jax.vmap(jax.vmap(f))(pos, mask)
+
+
+def _count_bk(x, K):
+    """[B,K,...] bool -> [B,K] int32."""
+    return jnp.sum(x.reshape(x.shape[0], K, -1), axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _dense_path(q, store, plan):
+    B, S, K, D = store.k.shape
+    H = q.shape[1]
+    s = scaled_scores(q, store.k)
+    pos, valid = positions_mask(store.lengths, S)
+    valid = jnp.broadcast_to(valid[:, None, :], s.shape)
+    always = always_kept(store.lengths, S, plan.sink, plan.window)[:, None, :]
+    threshold = jnp.full((B, H), MASK_VALUE, jnp.float32)
+    if plan.kind == "full":
+        mask = valid
+    elif plan.kind == "dipr":
+        mask, threshold, _ = dipr_mask(s, store.lengths, plan.beta, plan.sink, plan.window)
+    else:  # topk over the middle tokens (exact; reads every score)
+        middle = valid & ~always
+        kk = min(plan.k, S)
+        top = jax.lax.top_k(jnp.where(middle, s, MASK_VALUE), kk)[0][..., -1]  # [B,H]
+        threshold = top
+        few = top[..., None] <= MASK_VALUE / 2  # fewer than k middle tokens: keep them all
+        mask = (middle & ((s >= top[..., None]) | few)) | (valid & always)
+    out = masked_attention(s, mask, store.v)
+    n = jnp.broadcast_to(store.lengths[:, None], (B, K)).astype(jnp.int32)
+    stats = Stats(
+        keys_attended=jnp.sum(mask, -1).astype(jnp.int32), keys_read=n, rows_scored=_zeros_bk(B, K),
+        groups_kept=_zeros_bk(B, K), groups_needed=_zeros_bk(B, K), threshold=threshold,
+        truncated=jnp.zeros((B,), bool), context=store.lengths,
+        attended=mask if plan.return_mask else None)
+    return out.o, stats
+
+
+def _streaming_path(q, store, plan):
+    B, S, K, D = store.k.shape
+    H = q.shape[1]
+    lengths = store.lengths
+    w = max(plan.window, 1)
+    ex = _exact_region(q, store, plan.sink, jnp.maximum(lengths - plan.window, plan.sink), w, lengths)
+    valid = jnp.broadcast_to(ex.valid[:, None, :], ex.s.shape)
+    out = _attend(ex.s, valid, ex.v)
+    n = _count_bk(jnp.broadcast_to(ex.valid[:, None], (B, K) + ex.valid.shape[1:]), K)
+    stats = Stats(jnp.sum(valid, -1).astype(jnp.int32), n, _zeros_bk(B, K), _zeros_bk(B, K),
+                  _zeros_bk(B, K), jnp.full((B, H), MASK_VALUE, jnp.float32),
+                  jnp.zeros((B,), bool), lengths,
+                  _scatter_mask(B, H, S, ex.pos[:, None, :], valid) if plan.return_mask else None)
+    return out.o, stats
+
+
+def _block_gather(store: KVStore, kept, P):
+    """Pages of the positional cache.  kept [B,K,cap] -> keys, values [B,K,cap,P,D], pos."""
+    B, S, K, D = store.k.shape
+    pos = kept[..., None] * P + jnp.arange(P, dtype=jnp.int32)  # [B,K,cap,P]
+    kt = store.k.transpose(0, 2, 1, 3)  # [B,K,S,D]
+    vt = store.v.transpose(0, 2, 1, 3)
+    flat = jnp.clip(pos, 0, S - 1).reshape(B, K, -1)
+    gk = jnp.take_along_axis(kt, flat[..., None], axis=2).reshape(pos.shape + (D,))
+    gv = jnp.take_along_axis(vt, flat[..., None], axis=2).reshape(pos.shape + (D,))
+    return gk, gv, pos
+
+
+def _scores_kv(q, gk):
+    """q [B,H,D], gk [B,K,C,P,D] -> [B,H,C,P] f32."""
+    B, H, D = q.shape
+    K = gk.shape[1]
+    qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
+    s = jnp.einsum("bkgd,bkcpd->bkgcp", qg, gk.astype(jnp.float32)) / math.sqrt(D)
+    return s.reshape((B, H) + gk.shape[2:4])
+
+
+def _sparse_path(q, store: KVStore, plan: Plan):
+    """DIPR through the block or cluster index, and Quest."""
+    B, S, K, D = store.k.shape
+    H = q.shape[1]
+    G = H // K
+    lengths = store.lengths
+    use_cluster = plan.kind == "dipr" and plan.index == "cluster"
+    if use_cluster:
+        idx = store.cluster
+        if idx is None:
+            raise PlanError("plan needs the cluster index but the store has none "
+                            "(build_store with IndexConfig(cluster=ClusterConfig(...)))")
+        cfg = idx.config
+        if plan.sink > cfg.sink or plan.window > cfg.window:
+            raise PlanError(f"plan sink/window ({plan.sink}, {plan.window}) exceed the index's "
+                            f"exact regions ({cfg.sink}, {cfg.window}); rebuild the index")
+        P = cfg.block_size
+        tail_size = min(cfg.tail_capacity, S)
+        ex = _exact_region(q, store, cfg.sink, idx.end, tail_size, lengths)
+        tail_over = lengths - idx.end > tail_size
+        est_mean = centroid_scores(q, idx.centroid, idx.block_len)  # [B,H,N]
+        est = _rank_estimate(q, idx, est_mean, plan.rank_std, plan.rank_var)
+        group_len = idx.block_len
+        N = idx.num_blocks
+        keys_of = lambda kept: (gather_blocks(idx.keys, kept), gather_blocks(idx.values, kept),
+                                gather_blocks(idx.positions, kept))
+        two_rows = plan.rank_std or plan.rank_var or (plan.remainder and plan.remainder_var)
+        rows = (2 if two_rows else 1) * _count_bk(idx.block_len > 0, K)
+        delta = idx.delta if plan.delta is None else plan.delta
+    else:
+        idx = store.block
+        if idx is None:
+            raise PlanError("plan needs the block index but the store has none "
+                            "(build_store with IndexConfig(block=BlockConfig(...)))")
+        P = idx.config.page_size
+        w = max(plan.window, 1)
+        mid_end = jnp.maximum(lengths - plan.window, plan.sink)
+        ex = _exact_region(q, store, plan.sink, mid_end, w, lengths)
+        tail_over = jnp.zeros((B,), bool)
+        N = idx.kmin.shape[2]
+        pstart = jnp.arange(N) * P
+        middle_len = (jnp.minimum(pstart[None, :] + P, mid_end[:, None])
+                      - jnp.maximum(pstart[None, :], plan.sink))  # [B,N]
+        group_len = jnp.broadcast_to(jnp.clip(middle_len, 0, P)[:, None, :], (B, K, N))
+        est = jnp.where(jnp.repeat(group_len > 0, G, axis=1), page_upper_bounds(q, idx), MASK_VALUE)
+
+        def keys_of(kept):
+            gk, gv, pos = _block_gather(store, kept, P)
+            ok = (pos >= plan.sink) & (pos < mid_end[:, None, None, None])
+            return gk, gv, jnp.where(ok, pos, -1)
+
+        rows = 2 * _count_bk(group_len > 0, K)
+        delta = 0.0 if plan.delta is None else plan.delta
+
+    ex_mask_valid = jnp.broadcast_to(ex.valid[:, None, :], ex.s.shape)
+    exact_max = _masked_max(ex.s, ex_mask_valid)  # [B,H]
+    always = ex_mask_valid & ((ex.pos < plan.sink)
+                              | (ex.pos >= (lengths - plan.window)[:, None]))[:, None, :]
+
+    if plan.kind == "quest":
+        n_sel = min(plan.pages, N)
+        ids = jax.lax.top_k(est, n_sel)[1]  # [B,H,pages]
+        ok = jnp.take_along_axis(est, ids, -1) > MASK_VALUE / 2
+        want = _scatter_mask(B, H, N, ids, ok).reshape(B, K, G, N).any(axis=2)  # [B,K,N]
+        cap = min(G * n_sel, N)
+        vals, kept = jax.lax.top_k(want.astype(jnp.float32), cap)
+        kept_count = jnp.sum(vals > 0, -1).astype(jnp.int32)
+        kept = jnp.where(vals > 0, kept, 0).astype(jnp.int32)
+        needed = kept_count
+        attend_all = True
+    else:
+        cap = N if plan.capacity is None else min(plan.capacity, N)
+        force = None
+        probe_max = jnp.full((B, H), MASK_VALUE, jnp.float32)
+        if plan.probe > 0:
+            n_probe = min(plan.probe, N)
+            pid = jax.lax.top_k(est, n_probe)[1].reshape(B, K, G * n_probe).astype(jnp.int32)
+            pk, _, ppos = keys_of(pid)
+            ps = _scores_kv(q, pk)  # [B,H,G*probe,P]
+            pvalid = jnp.repeat((ppos >= 0), G, axis=1)
+            probe_max = jnp.max(jnp.where(pvalid, ps, MASK_VALUE), axis=(-2, -1))
+            force = _scatter_mask(B, K, N, pid, jnp.ones(pid.shape, bool))
+        extra = None
+        if plan.mass_eps > 0 and use_cluster:
+            extra = _mass_rule_margin(est_mean, idx.block_len, ex.s, ex_mask_valid, plan.mass_eps)
+        sel = select_blocks(est, exact_max, probe_max, plan.beta, delta, cap, group_len, K, force,
+                            extra)
+        kept, kept_count, needed = sel.kept, sel.kept_count, sel.needed
+        attend_all = plan.attend_read
+
+    gk, gv, gpos = keys_of(kept)  # [B,K,cap,P,D], [B,K,cap,P]
+    live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
+    gvalid = live[..., None] & (gpos >= 0)  # [B,K,cap,P]
+    gs = _scores_kv(q, gk)  # [B,H,cap,P]
+    gvalid_h = jnp.repeat(gvalid, G, axis=1)
+    read_max = jnp.maximum(exact_max, jnp.max(jnp.where(gvalid_h, gs, MASK_VALUE), axis=(-2, -1)))
+    if attend_all:
+        threshold = jnp.full((B, H), MASK_VALUE, jnp.float32)
+    else:
+        threshold = read_max - plan.beta
+    ex_mask = (ex_mask_valid & (ex.s >= threshold[..., None])) | always
+    g_mask = gvalid_h & (gs >= threshold[..., None, None])
+    cap_ = kept.shape[-1]
+    if use_cluster:  # the kernel contract's reference
+        gathered = gathered_attention(q, idx.keys, idx.values, idx.block_len, kept, kept_count,
+                                      threshold)
+    else:
+        gathered = _attend(gs.reshape(B, H, cap_ * P), g_mask.reshape(B, H, cap_ * P),
+                           gv.reshape(B, K, cap_ * P, D))
+    parts = [_attend(ex.s, ex_mask, ex.v), gathered]
+    if plan.remainder:
+        read = kept_mask(kept, kept_count, N)
+        parts.append(remainder_estimate(q, est_mean, (idx.block_len, idx.key_var, idx.value_mean),
+                                        read, use_var=plan.remainder_var))
+    out = merge_attention(*parts)
+
+    keys_read = rows + _count_bk(gvalid, K) + jnp.sum(ex.valid, -1).astype(jnp.int32)[:, None]
+    attended = None
+    if plan.return_mask:
+        a1 = _scatter_mask(B, H, S, ex.pos[:, None, :], ex_mask)
+        gp = jnp.repeat(gpos, G, axis=1).reshape(B, H, cap_ * P)
+        a2 = _scatter_mask(B, H, S, gp, g_mask.reshape(B, H, cap_ * P))
+        attended = a1 | a2
+    stats = Stats(
+        keys_attended=(jnp.sum(ex_mask, -1) + jnp.sum(g_mask, (-2, -1))).astype(jnp.int32),
+        keys_read=keys_read, rows_scored=rows, groups_kept=kept_count, groups_needed=needed,
+        threshold=threshold, truncated=jnp.any(needed > kept_count, axis=-1) | tail_over,
+        context=lengths, attended=attended)
+    return out.o, stats
+
+
+def _mass_rule_margin(est_mean, block_len, ex_s, ex_valid, eps: float, iters: int = 16):
+    """Margin of the mass rule: [B,K,N] >= 0 for clusters needed to leave at most eps of the
+    estimated softmax mass unread (per query head, union over the group).
+
+    A cluster's estimated mass is n * exp(q.c); a per-head cut t on log-mass is found by
+    bisection (no sort: `iters` masked sums over the N rows).
+    """
+    B, H, N = est_mean.shape
+    K = block_len.shape[1]
+    G = H // K
+    n = jnp.repeat(block_len, G, axis=1)  # [B,H,N]
+    live = (n > 0) & (est_mean > MASK_VALUE / 2)
+    logw = jnp.where(live, est_mean + jnp.log(jnp.maximum(n, 1).astype(jnp.float32)), MASK_VALUE)
+    ex_max = _masked_max(ex_s, ex_valid)
+    M = jnp.maximum(jnp.max(logw, -1), ex_max)  # [B,H]
+    rel = logw - M[..., None]
+    w = jnp.where(live, jnp.exp(rel), 0.0)
+    Z = jnp.sum(w, -1) + jnp.sum(jnp.where(ex_valid, jnp.exp(ex_s - M[..., None]), 0.0), -1)
+    budget = eps * Z
+
+    def step(_, lohi):
+        lo, hi = lohi
+        mid = 0.5 * (lo + hi)
+        unread = jnp.sum(jnp.where(rel < mid[..., None], w, 0.0), -1)
+        ok = unread <= budget
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo0 = jnp.full((B, H), -40.0, jnp.float32)
+    lo, _ = jax.lax.fori_loop(0, iters, step, (lo0, jnp.zeros((B, H), jnp.float32)))
+    margin = jnp.where(live, rel - lo[..., None], MASK_VALUE)
+    return margin.reshape(B, K, G, N).max(axis=2)
+
+
+def sparse_attention(q, store: KVStore, plan: Plan = Plan()):
+    """One decode step of attention through the plan.
+
+    q [B, H, D] post-RoPE queries (H a multiple of the store's K); store: KVStore of one layer.
+    Returns (o [B, H, D] f32, Stats). Pure; jit with the plan static (`sparse_attention_jit`).
+    """
+    check_decode_shapes(q, store.k, store.v, store.lengths)
+    if plan.kind in ("full", "topk") or (plan.kind == "dipr" and plan.index == "flat"):
+        return _dense_path(q, store, plan)
+    if plan.kind == "streaming":
+        return _streaming_path(q, store, plan)
+    return _sparse_path(q, store, plan)
+
+
+sparse_attention_jit = jax.jit(sparse_attention, static_argnames=("plan",))
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _rank_estimate(q, idx: ClusterIndex, est_mean, rank_std: float, rank_var: float = 0.0):
+    """est_mean + rank_std * sigma + rank_var * sigma^2 / 2, sigma^2 = sum_d q_d^2 var_d / D.
+
+    [B,H,N] (MASK_VALUE stays on empty blocks)."""
+    if not rank_std and not rank_var:
+        return est_mean
+    B, H, D = q.shape
+    K, N = idx.key_var.shape[1], idx.key_var.shape[2]
+    qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
+    var = jnp.einsum("bkgd,bknd->bkgn", qg * qg, idx.key_var).reshape(B, H, N) / D
+    adj = rank_std * jnp.sqrt(var) + 0.5 * rank_var * var
+    return jnp.where(est_mean > MASK_VALUE / 2, est_mean + adj, est_mean)
+
+
+DELTA_GRID = tuple(float(x) for x in np.arange(-4.0, 16.01, 0.25))
+
+
+def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float = 0.0):
+    """Recall of the flat DIPR set as a function of the margin delta, for one query.
+
+    q [B,H,D] -> (recall [len(DELTA_GRID), B, H], middle_recall [same]). The DIPR set is the
+    flat one with the index's sink and window; keys of the sink and tail are always read, a
+    block is read (for the whole kv group) once delta reaches
+    -max_g(est[g] - m'[g] + beta), and the probed blocks always.
+    """
+    idx = store.cluster
+    cfg = idx.config
+    B, S, K, D = store.k.shape
+    H = q.shape[1]
+    G = H // K
+    N, P = idx.num_blocks, cfg.block_size
+    s_all = scaled_scores(q, store.k)
+    kept, _, true_max = dipr_mask(s_all, store.lengths, beta, cfg.sink, cfg.window)
+    n_total = jnp.sum(kept, -1)  # [B,H]
+    ex = _exact_region(q, store, cfg.sink, idx.end, min(cfg.tail_capacity, S), store.lengths)
+    exact_max = _masked_max(ex.s, jnp.broadcast_to(ex.valid[:, None, :], ex.s.shape))
+    est = _rank_estimate(q, idx, centroid_scores(q, idx.centroid, idx.block_len), rank_std)
+    probe_max = jnp.full((B, H), MASK_VALUE, jnp.float32)
+    forced = jnp.zeros((B, K, N), bool)
+    if probe > 0:
+        pid = jax.lax.top_k(est, min(probe, N))[1].reshape(B, K, -1).astype(jnp.int32)
+        ps = gathered_scores(q, idx.keys, pid)
+        pv = jnp.repeat(_valid_slots(idx.block_len, pid, jnp.full((B, K), pid.shape[-1]), P), G, 1)
+        probe_max = jnp.max(jnp.where(pv, ps, MASK_VALUE), axis=(-2, -1))
+        forced = _scatter_mask(B, K, N, pid, jnp.ones(pid.shape, bool))
+    m_prime = jnp.maximum(exact_max, probe_max)
+    rel = (est - (m_prime - beta)[..., None]).reshape(B, K, G, N).max(axis=2)  # [B,K,N]
+    need = jnp.where(forced, -jnp.inf, -rel)  # block read iff delta >= need
+    s_blk = _scores_kv(q, idx.keys)  # [B,H,N,P]
+    members = jnp.repeat(jnp.arange(P)[None, None, None, :] < idx.block_len[..., None], G, 1)
+    is_dipr = members & (s_blk >= (true_max - beta)[..., None, None])
+    n_blk = jnp.sum(is_dipr, -1)  # [B,H,N] DIPR keys per block
+    n_mid = jnp.sum(n_blk, -1)  # [B,H]
+    need_h = jnp.repeat(need, G, axis=1)  # [B,H,N]
+    grid = jnp.asarray(DELTA_GRID, jnp.float32)
+    hits = jnp.sum(jnp.where(need_h[None] <= grid[:, None, None, None], n_blk[None], 0), -1)
+    recall = (n_total - n_mid + hits) / jnp.maximum(n_total, 1)
+    mid_recall = jnp.where(n_mid > 0, hits / jnp.maximum(n_mid, 1), 1.0)
+    return recall, mid_recall
+
+
+_recall_vs_delta_jit = jax.jit(_recall_vs_delta, static_argnames=("beta", "probe", "rank_std"))
+
+
+def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float = 0.99,
+                    probe: int = 2, rank_std: float = 0.0, lengths=None,
+                    recall: str = "set", max_delta: float = DELTA_GRID[-1]):
+    """The smallest margin delta whose mean recall of the flat DIPR set reaches the target.
+
+    queries: sequence of [B, H, D] sample queries of this layer (e.g. the q of the last prompt
+    positions, seen at prefill); lengths: matching sequence of [B] causal lengths (default:
+    the store's). recall: "set" (the DIPR set with sink and window, as DESIGN.md defines it)
+    or "middle" (only the indexed keys: stricter). Returns delta [H] f32 (one value per layer,
+    broadcast: the rule's union over a kv group couples the heads), searched on DELTA_GRID.
+    Store it with `store.replace(cluster=store.cluster.replace(delta=delta))`.
+    """
+    if recall not in ("set", "middle"):
+        raise ConfigError(f"recall must be 'set' or 'middle', got {recall!r}")
+    curves = []
+    for i, q in enumerate(queries):
+        st = store if lengths is None else store.replace(lengths=jnp.asarray(lengths[i], jnp.int32))
+        r, rm = _recall_vs_delta_jit(q, st, float(beta), int(probe), float(rank_std))
+        curves.append(np.asarray(r if recall == "set" else rm))
+    mean = np.mean(np.stack(curves), axis=(0, 2, 3))  # [grid]
+    ok = np.nonzero(mean >= target_recall)[0]
+    d = DELTA_GRID[ok[0]] if ok.size else max_delta
+    H = queries[0].shape[1]
+    return jnp.full((H,), min(d, max_delta), jnp.float32)

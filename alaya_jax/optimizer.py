@@ -1,0 +1,225 @@
+"""The query optimizer: picks the plan per call from the shapes, beta and a device cost model.
+
+    choice = choose_plan(QueryShape(context=128 * 1024, batch=1, heads=32, kv_heads=8,
+                                    head_dim=128), beta=4.0, available=("flat", "cluster"))
+    print(choice.explain())
+    o, stats = sparse_attention(q, store, choice.plan)
+
+Cost model (per layer, per call): each path costs a fixed launch overhead plus the bytes it
+reads divided by the bandwidth its implementation reaches, both measured per device kind and
+committed as a small JSON table (`alaya_jax/cost_tables/<kind>.json`; `cpu.json` is the
+default). Bytes per kv head, with F the fraction of the context a path reads:
+
+    flat     keys + values of all S tokens: 2 * S * D * itemsize
+    block    2 page summary rows per page + the pages read: (2 * S / P + 2 * F_block * S) * D * ...
+    cluster  1 centroid row per cluster + the clusters read:  (S / C + 2 * F_cluster * S) * D ...
+
+F_cluster(beta) and F_block(beta) come from the quality benchmark (keys read at the
+calibrated margin on real keys), stored in the same table. The optimizer only chooses among
+plans whose index the store has; a user may force a plan (`force=`), and the choice says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from alaya_jax.attention import Plan
+from alaya_jax.errors import ConfigError
+
+TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cost_tables")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryShape:
+    """What the optimizer sees of one attention call (static facts, no arrays)."""
+
+    context: int  # S, tokens in the cache
+    batch: int = 1  # B
+    heads: int = 32  # H
+    kv_heads: int = 8  # K
+    head_dim: int = 128  # D
+    itemsize: int = 2  # bytes per cache element (bf16)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"QueryShape.{f.name} must be >= 1, got {getattr(self, f.name)}")
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostTable:
+    """Measured constants of one device kind (see the module docstring)."""
+
+    device_kind: str
+    overhead_us: dict  # path -> fixed cost per call (us)
+    bandwidth_gbs: dict  # path -> effective bandwidth of its reads (GB/s)
+    read_fraction: dict  # path -> {beta (str): fraction of the context read}
+    cluster_size: int = 32
+    page_size: int = 32
+    source: str = ""
+
+    @staticmethod
+    def load(kind: str = "cpu", path: Optional[str] = None) -> "CostTable":
+        path = path or os.path.join(TABLE_DIR, f"{kind}.json")
+        if not os.path.exists(path):
+            have = sorted(f[:-5] for f in os.listdir(TABLE_DIR) if f.endswith(".json"))
+            raise ConfigError(f"no cost table for device kind {kind!r} (have {have})")
+        with open(path) as f:
+            d = json.load(f)
+        fields = {f.name for f in dataclasses.fields(CostTable)}
+        return CostTable(**{k: v for k, v in d.items() if k in fields})
+
+    def fraction(self, path: str, beta: float) -> float:
+        """Fraction read at beta, interpolated in the table (clamped at its ends)."""
+        table = self.read_fraction.get(path)
+        if not table:
+            return 1.0
+        betas = np.array(sorted(float(b) for b in table))
+        fr = np.array([table[_key(b, table)] for b in betas])
+        if not math.isfinite(beta):
+            return 1.0
+        return float(np.interp(beta, betas, fr))
+
+
+def _key(b: float, table: dict) -> str:
+    for k in table:
+        if float(k) == b:
+            return k
+    raise KeyError(b)
+
+
+def default_table() -> CostTable:
+    """The table of the current default backend's device kind, else the CPU one."""
+    import jax
+    dev = jax.devices()[0]
+    kind = "cpu" if dev.platform == "cpu" else dev.device_kind.lower().replace(" ", "_")
+    try:
+        return CostTable.load(kind)
+    except ConfigError:
+        return CostTable.load("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    plan: Plan
+    path: str  # "flat" | "block" | "cluster" | "forced"
+    estimates_us: dict  # path -> estimated time of one call (us)
+    bytes_read: dict  # path -> bytes per call
+    shape: QueryShape
+    beta: float
+    reason: str
+
+    def explain(self) -> str:
+        lines = [f"plan: {self.plan.describe()} ({self.reason})",
+                 f"call: context {self.shape.context}, batch {self.shape.batch}, heads "
+                 f"{self.shape.heads}/{self.shape.kv_heads}, head_dim {self.shape.head_dim}, "
+                 f"beta {self.beta}"]
+        for p in sorted(self.estimates_us, key=self.estimates_us.get):
+            mark = "->" if p == self.path else "  "
+            lines.append(f"  {mark} {p:8s} est {self.estimates_us[p]:10.1f} us, reads "
+                         f"{self.bytes_read[p] / 1e6:9.3f} MB")
+        return "\n".join(lines)
+
+
+def estimate(shape: QueryShape, beta: float, table: CostTable) -> tuple[dict, dict]:
+    """(time_us, bytes) per path for one call."""
+    S, B, K, D, it = shape.context, shape.batch, shape.kv_heads, shape.head_dim, shape.itemsize
+    row = D * it
+    kv_bytes = {
+        "flat": 2 * S * row,
+        "block": (2 * S / table.page_size + 2 * table.fraction("block", beta) * S) * row,
+        "cluster": (S / table.cluster_size + 2 * table.fraction("cluster", beta) * S) * row,
+    }
+    bytes_read = {p: B * K * b for p, b in kv_bytes.items()}
+    times = {p: table.overhead_us[p] + bytes_read[p] / (table.bandwidth_gbs[p] * 1e3)
+             for p in kv_bytes if p in table.overhead_us}
+    return times, bytes_read
+
+
+def choose_plan(shape: QueryShape, beta: float = 4.0, available: Sequence[str] = ("flat",),
+                table: Optional[CostTable] = None, force: Optional[Plan] = None,
+                sink: int = 4, window: int = 64, **plan_kw) -> Choice:
+    """The cheapest DIPR plan among the indexes the store has (`available`), or `force`."""
+    table = table or default_table()
+    times, bytes_read = estimate(shape, beta, table)
+    for p in available:
+        if p not in ("flat", "block", "cluster"):
+            raise ConfigError(f"unknown index {p!r} (expected flat, block or cluster)")
+    if force is not None:
+        return Choice(force, "forced", times, bytes_read, shape, beta, "forced by the caller")
+    cands = {p: t for p, t in times.items() if p in available}
+    if not cands:
+        raise ConfigError(f"no usable index among {tuple(available)}")
+    path = min(cands, key=cands.get)
+    best, runner = path, sorted(cands, key=cands.get)
+    why = f"cheapest of {len(cands)} on {table.device_kind}"
+    if len(runner) > 1:
+        why += f": {cands[runner[1]] / cands[best]:.1f}x faster than {runner[1]}"
+    if shape.context <= window + sink:
+        path, why = "flat", "the whole context is sink + window"
+    plan = Plan.dipr(beta, index=path, sink=sink, window=window, **plan_kw)
+    return Choice(plan, path, times, bytes_read, shape, beta, why)
+
+
+def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8,
+                       head_dim: int = 64, repeats: int = 5, read_fraction: Optional[dict] = None,
+                       cluster_size: int = 32, page_size: int = 32) -> dict:
+    """Times the flat, block and cluster DIPR paths on the default device and fits
+    time = overhead + bytes / bandwidth per path (two context lengths). Returns the JSON dict
+    of a CostTable (write it to cost_tables/<kind>.json). Synthetic keys; beta 4."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from alaya_jax.attention import IndexConfig, build_store, sparse_attention
+    from alaya_jax.index.block import BlockConfig
+    from alaya_jax.index.cluster import ClusterConfig
+    from alaya_jax.index.synthetic import synthetic_kv
+
+    fn = jax.jit(sparse_attention, static_argnames=("plan",))
+    meas = {p: [] for p in ("flat", "block", "cluster")}
+    for S in contexts:
+        q, k, v = synthetic_kv(1, S, heads, kv_heads, head_dim, seed=0)
+        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+        cfg = IndexConfig(cluster=ClusterConfig(cluster_size=cluster_size, block_size=2 * cluster_size),
+                          block=BlockConfig(page_size))
+        st = build_store(k, v, jnp.asarray([S], jnp.int32), cfg, n_heads=heads)
+        for path in meas:
+            # a realistic static capacity: 10% of the groups (the gather reads `capacity` blocks)
+            groups = S // (cluster_size if path == "cluster" else page_size)
+            plan = Plan.dipr(4.0, index=path, delta=2.0 if path == "cluster" else None,
+                             attend_read=True,
+                             capacity=None if path == "flat" else max(1, groups // 10))
+            o, stats = fn(q, st, plan)
+            jax.block_until_ready(o)
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(q, st, plan)[0])
+                ts.append(time.perf_counter() - t0)
+            read = float(np.mean(np.asarray(stats.keys_read)))  # rows + keys, per kv head
+            bytes_ = kv_heads * read * 2 * head_dim * 2  # k and v (rows: upper bound), bf16
+            meas[path].append((bytes_, float(np.median(ts)) * 1e6))
+    overhead, bw = {}, {}
+    for p, pts in meas.items():  # least squares: t = overhead + bytes * slope
+        b = np.array([x[0] for x in pts])
+        t = np.array([x[1] for x in pts])
+        slope, icpt = np.polyfit(b, t, 1) if len(pts) > 1 else (t[0] / b[0], 0.0)
+        slope = max(slope, 1e-9)  # us per byte
+        bw[p] = 1.0 / slope / 1e3  # GB/s
+        overhead[p] = float(max(icpt, 0.0))
+    dev = jax.devices()[0]
+    return dict(device_kind="cpu" if dev.platform == "cpu" else dev.device_kind,
+                overhead_us=overhead, bandwidth_gbs=bw,
+                read_fraction=read_fraction or {}, cluster_size=cluster_size, page_size=page_size,
+                source=f"measure_cost_table(contexts={tuple(contexts)}) on {dev}, jax "
+                       f"{jax.__version__}")
