@@ -10,6 +10,11 @@ from alaya_jax.errors import ShapeError, UnsupportedModelError
 # The model
 from alaya_jax.model import KVCache, Llama, LlamaConfig, Tokenizer, default_model_path, load_model
 
+# Decode attention methods (DIPR and the baselines it is measured against)
+from alaya_jax.methods import DIPR, Full, Quest, SparseMethod, Streaming, TopK
+from alaya_jax.attention import IndexConfig, KVStore, Plan, build_store, sparse_attention
+from alaya_jax.dipr import dipr_reference
+
 # Generation
 from alaya_jax.generate import FullAttention, GenerationResult, Sampling, decode, generate, prefill
 

@@ -42,19 +42,51 @@ def cmd_generate(args) -> int:
         text = args.prompt
     if args.question:
         text = f"{text}\n\n{args.question}"
+    method = parse_method(args.method)
     model, tok = _load(args)
     prompt = [{"role": "user", "content": text}] if args.chat else text
     try:
         res = aj.generate(model, tok, prompt, args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, stream=True)
+                          top_p=args.top_p, seed=args.seed, stream=True, attention=method)
     except aj.AlayaError as e:
         print(f"alaya generate: {e}", file=sys.stderr)
         return 1
     n = len(res.tokens[0])
     print(f"[alaya] prompt {res.prompt_lengths[0]} tokens: prefill {res.prefill_s:.2f}s "
           f"({res.prompt_lengths[0] / max(res.prefill_s, 1e-9):.0f} tok/s, compile included); "
-          f"{n} new tokens in {res.decode_s:.2f}s", file=sys.stderr)
+          f"{n} new tokens in {res.decode_s:.2f}s ({args.method})", file=sys.stderr)
+    if res.attention_stats:
+        st = res.attention_stats
+        print(f"[alaya] {args.method}: attended {st['attended_fraction']:.1%} of the keys per head, "
+              f"read {st['read_fraction']:.1%} (index rows included); capacity truncations: "
+              f"{st['truncated_layer_steps']}", file=sys.stderr)
     return 0
+
+
+METHOD_HELP = ("decode attention: full | dipr[:BETA] (cluster index) | dipr-flat[:BETA] | "
+               "dipr-block[:BETA] | topk:K | quest:PAGES | streaming[:WINDOW]")
+
+
+def parse_method(spec: str):
+    """'full', 'dipr:8', 'dipr-flat:8', 'topk:64', 'quest:8', 'streaming:256' -> a method."""
+    import alaya_jax as aj
+
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "full":
+            return None
+        if name in ("dipr", "dipr-cluster", "dipr-flat", "dipr-block"):
+            index = {"dipr": "cluster"}.get(name, name.partition("-")[2])
+            return aj.DIPR(float(arg) if arg else 8.0, index)
+        if name == "topk":
+            return aj.TopK(int(arg))
+        if name == "quest":
+            return aj.Quest(int(arg))
+        if name == "streaming":
+            return aj.Streaming(window=int(arg) if arg else 64)
+    except ValueError:
+        pass
+    raise SystemExit(f"alaya: unknown --method {spec!r}; expected {METHOD_HELP}")
 
 
 def cmd_info(args) -> int:
@@ -103,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--method", default="full", help=METHOD_HELP)
     model_args(g)
     g.set_defaults(fn=cmd_generate)
 

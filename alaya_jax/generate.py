@@ -189,6 +189,27 @@ def _decode_loop_impl(static: _LoopStatic, state, loop, n_steps):
 _decode_loop = jax.jit(_decode_loop_impl, static_argnums=(0,), donate_argnums=(2,))
 
 
+def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tokens: int, key, *,
+                     sampling: Sampling = Sampling(), attention=None, stop_ids=()):
+    """(static, weights state, loop state) for `_decode_loop`: first [B] is the first token to
+    feed. A stateful attention method builds its indexes over the cache here."""
+    attention = attention or FullAttention()
+    graphdef, state = nnx.split(model)
+    static = _LoopStatic(graphdef, sampling, attention, tuple(stop_ids))
+    B = first.shape[0]
+    buf = _round_up(max(max_new_tokens, 1), 64)
+    loop = dict(cache=cache, next=first, out=jnp.full((B, buf), -1, jnp.int32),
+                done=jnp.zeros((B,), bool), key=key, step=jnp.int32(0),
+                max_new=jnp.int32(max_new_tokens))
+    if hasattr(attention, "prepare"):  # build the indexes over the prefilled cache
+        L = model.cfg.n_layers
+        loop["attn"] = attention.prepare(cache, model.cfg.n_heads)
+        loop["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
+                             context=jnp.zeros((L, B)), truncated=jnp.zeros((L, B), jnp.int32),
+                             steps=jnp.zeros((B,)))
+    return static, state, loop
+
+
 # --- the public entry ----------------------------------------------------------------------
 def _as_prompts(tokenizer, prompt_or_messages) -> tuple[list[list[int]], bool]:
     """str | messages | list of those | token id lists -> (id lists, was_batch)."""
@@ -280,19 +301,10 @@ def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_t
     key = jax.random.PRNGKey(seed)
     key, sub = jax.random.split(key)
     first = sample_next(logits, sub, sampling)
-    graphdef, state = nnx.split(model)
     stop_ids = tuple(sorted(tokenizer.stop_ids())) if stop_at_eos else ()
-    static = _LoopStatic(graphdef, sampling, attention, stop_ids)
-    buf = _round_up(max(max_new_tokens, 1), 64)
-    loop = dict(cache=cache, next=first, out=jnp.full((B, buf), -1, jnp.int32),
-                done=jnp.zeros((B,), bool), key=key, step=jnp.int32(0),
-                max_new=jnp.int32(max_new_tokens))
-    if hasattr(attention, "prepare"):  # build the indexes over the prefilled cache
-        L = model.cfg.n_layers
-        loop["attn"] = attention.prepare(cache, model.cfg.n_heads)
-        loop["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
-                             context=jnp.zeros((L, B)), truncated=jnp.zeros((L, B), jnp.int32),
-                             steps=jnp.zeros((B,)))
+    static, state, loop = init_decode_loop(model, cache, first, max_new_tokens, key,
+                                           sampling=sampling, attention=attention,
+                                           stop_ids=stop_ids)
     printer = _Streamer(tokenizer, B, stream) if stream else None
     step_chunk = 4 if printer else max_new_tokens
     while max_new_tokens > 0:

@@ -30,7 +30,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import alaya_jax as aj
-from alaya_jax.generate import FullAttention, Sampling, _decode_loop, _LoopStatic, prefill
+from alaya_jax.generate import _decode_loop, init_decode_loop, prefill, summarize_stats
 from alaya_jax.model.config import LlamaConfig, llama3_8b_config
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
@@ -76,25 +76,27 @@ def read_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
     return reps * x.nbytes / float(np.median(ts))
 
 
-def time_decode(model, batch: int, context: int, steps: int, repeats: int) -> float:
-    """Median seconds per decode step at `context` cached tokens, batch `batch`."""
+def time_decode(model, batch: int, context: int, steps: int, repeats: int, attention=None,
+                fill_cache=None):
+    """Median seconds per decode step at `context` cached tokens, batch `batch`.
+
+    fill_cache(cache) may replace the random cache (e.g. keys with realistic structure); a
+    stateful `attention` method builds its indexes over the cache before the timing (not
+    timed). Returns (seconds per step, attention stats or None)."""
     cfg = model.cfg
-    max_len = -(-(context + steps + 1) // 256) * 256
+    max_len = -(-(context + steps * (repeats + 1) + 1) // 256) * 256
     abstract = aj.KVCache.abstract(cfg, batch, max_len, model.dtype)  # the backend's layout
     keys = iter(jax.random.split(jax.random.PRNGKey(1), 2 * cfg.n_layers + 2))
     fill = lambda s: jax.jit(lambda k: jax.random.normal(k, s.shape, s.dtype))(next(keys))
     cache = aj.KVCache(k=jax.tree.map(fill, abstract.k), v=jax.tree.map(fill, abstract.v),
                        lengths=jnp.full((batch,), context, jnp.int32))
-    graphdef, state = nnx.split(model)
-    static = _LoopStatic(graphdef, Sampling(), FullAttention(), ())
-    loop = dict(cache=cache, next=jnp.zeros((batch,), jnp.int32),
-                out=jnp.full((batch, -(-steps // 64) * 64), -1, jnp.int32),
-                done=jnp.zeros((batch,), bool), key=jax.random.PRNGKey(0), step=jnp.int32(0),
-                max_new=jnp.int32(steps))
+    if fill_cache is not None:
+        cache = fill_cache(cache)
+    static, state, loop = init_decode_loop(model, cache, jnp.zeros((batch,), jnp.int32), steps,
+                                           jax.random.PRNGKey(0), attention=attention)
     times = []
-    for r in range(repeats + 1):  # the first run compiles
-        loop = dict(loop, step=jnp.int32(0), done=jnp.zeros((batch,), bool),
-                    cache=loop["cache"].replace(lengths=jnp.full((batch,), context, jnp.int32)))
+    for r in range(repeats + 1):  # the first run compiles; each run appends `steps` tokens
+        loop = dict(loop, step=jnp.int32(0), done=jnp.zeros((batch,), bool))
         jax.block_until_ready(loop)
         t = time.perf_counter()
         loop = _decode_loop(static, state, loop, jnp.int32(steps))
@@ -102,7 +104,10 @@ def time_decode(model, batch: int, context: int, steps: int, repeats: int) -> fl
         if r:
             times.append((time.perf_counter() - t) / steps)
     assert int(loop["step"]) == steps
-    return float(np.median(times))
+    stats = None
+    if "stats" in loop:
+        stats = summarize_stats(jax.device_get(loop["stats"]), cfg)
+    return float(np.median(times)), stats
 
 
 def time_prefill(model, context: int, chunk: int, repeats: int) -> float:
@@ -170,7 +175,7 @@ def main(argv=None):
         combos = [(b, c) for c in ctxs for b in args.batches]
         for b, c in tqdm(combos, desc=f"{name} decode", file=sys.stdout):
             try:
-                s = time_decode(model, b, c, args.steps, args.repeats)
+                s, _ = time_decode(model, b, c, args.steps, args.repeats)
             except Exception as e:  # e.g. out of memory at batch 8 x 32K on a small card
                 tqdm.write(f"  batch {b} context {c}: FAILED {type(e).__name__}: {str(e)[:200]}")
                 continue

@@ -1,0 +1,145 @@
+"""End-to-end decode ms/token with DIPR vs full attention as the context grows (GPU).
+
+    python benchmarks/sparse_decode.py                       # Llama-3-8B shapes, 4K/32K/128K
+    python benchmarks/sparse_decode.py --small --contexts 1024 2048   # CPU smoke run
+
+A Llama-3-8B-shaped model with random bf16 weights decodes `--steps` tokens per timing,
+batch 1, through the library's jitted decode loop (the same code as `aj.generate`). The
+cache holds keys with realistic structure (`alaya_jax.index.synthetic`: topic clusters,
+outlier channels, hot keys, RoPE), one synthetic layer copied into every layer; the DIPR
+cluster index is built over it before timing (build time reported apart). Reports ms per
+step, the ratio of each context to the smallest, and the fractions of keys attended/read.
+Writes benchmarks/results/sparse_decode_<backend>.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_speed import SMOLLM2, random_model, time_decode  # noqa: E402
+
+import alaya_jax as aj  # noqa: E402
+from alaya_jax import methods as M  # noqa: E402
+from alaya_jax.index.synthetic import synthetic_kv  # noqa: E402
+from alaya_jax.model.config import llama3_8b_config  # noqa: E402
+
+
+def structured_fill(context: int, seed: int = 0):
+    """Returns fill_cache(cache): every layer's first `context` positions get one synthetic
+    layer of structured keys and values."""
+    def fill(cache):
+        B = cache.lengths.shape[0]
+        k0, v0 = cache.layer(0)
+        _, S, K, D = k0.shape
+        _, k, v = synthetic_kv(B, context, K * 4, K, D, seed=seed)
+        k = jnp.asarray(k, k0.dtype)
+        v = jnp.asarray(v, k0.dtype)
+        put = jax.jit(lambda buf, x: jax.lax.dynamic_update_slice(buf, x, (0, 0, 0, 0)))
+        if cache.stacked:
+            ks = jnp.stack([put(cache.k[i], k) for i in range(cache.n_layers)])
+            vs = jnp.stack([put(cache.v[i], v) for i in range(cache.n_layers)])
+        else:
+            ks = tuple(put(a, k) for a in cache.k)
+            vs = tuple(put(a, v) for a in cache.v)
+        return cache.replace(k=ks, v=vs)
+    return fill
+
+
+def parse_method(spec: str):
+    if spec == "full":
+        return aj.FullAttention()
+    name, _, arg = spec.partition(":")
+    if name == "dipr":  # dipr:beta:capacity_fraction
+        beta, _, cap = arg.partition(":")
+        return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None)
+    if name == "quest":
+        return M.Quest(int(arg))
+    raise SystemExit(f"unknown method {spec!r}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    ap.add_argument("--methods", nargs="+", default=["full", "dipr:4:0.05"],
+                    help="full | dipr:BETA:CAPACITY_FRACTION | quest:PAGES")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--small", action="store_true", help="SmolLM2 shapes instead of 8B (CPU)")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+
+    backend = jax.default_backend()
+    device = str(jax.devices()[0].device_kind)
+    print(f"jax {jax.__version__} on {backend}: {device}", flush=True)
+    cfg = SMOLLM2 if args.small else llama3_8b_config()
+    model = random_model(cfg, jnp.bfloat16 if backend == "gpu" else jnp.float32)
+    rows = []
+    for spec in args.methods:
+        method = parse_method(spec)
+        for ctx in args.contexts:
+            t = time.perf_counter()
+            try:
+                s, stats = time_decode(model, 1, ctx, args.steps, args.repeats, attention=method,
+                                       fill_cache=structured_fill(ctx))
+            except Exception as e:  # out of memory at the largest context, say
+                print(f"{spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            row = dict(method=spec, describe=method.describe(), context=ctx, decode_ms=s * 1e3,
+                       wall_s=time.perf_counter() - t)
+            if stats:
+                row.update(attended_fraction=stats["attended_fraction"],
+                           read_fraction=stats["read_fraction"],
+                           truncated_layer_steps=stats["truncated_layer_steps"])
+            rows.append(row)
+            print(f"{spec} @ {ctx}: {s * 1e3:.2f} ms/step "
+                  + (f"attended {stats['attended_fraction']:.3f} read {stats['read_fraction']:.3f} "
+                     f"truncated {stats['truncated_layer_steps']}" if stats else ""), flush=True)
+    for spec in args.methods:
+        mine = [r for r in rows if r["method"] == spec]
+        if mine:
+            base = min(mine, key=lambda r: r["context"])["decode_ms"]
+            for r in mine:
+                r["ratio_to_smallest_context"] = r["decode_ms"] / base
+    meta = dict(device=device, backend=backend, jax=jax.__version__, model=cfg.name,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv), steps=args.steps, batch=1)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"sparse_decode_{backend}.json")
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print("wrote", path)
+    plot(rows, meta, os.path.join(args.out, f"sparse_decode_{backend}.png"))
+
+
+def plot(rows, meta, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for spec in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == spec), key=lambda r: r["context"])
+        ax.plot([r["context"] for r in mine], [r["decode_ms"] for r in mine], "o-", label=spec)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("ms per decode step (batch 1)")
+    ax.set_title(f"{meta['model']} decode — {meta['device']} ({meta['date'][:10]})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
