@@ -1,0 +1,488 @@
+"""Gathered sparse decode attention over kept blocks of a cluster index (Mosaic GPU).
+
+One decode query per head attends to the keys of the blocks (clusters or pages) that
+selection kept for its kv head. The G query heads of a kv head are processed together, so
+each kept block is read from HBM once for the whole group.
+
+Layout (the cluster index's, see `alaya_jax/index/`):
+
+    q           [B, H, D]          H = K * G query heads
+    keys        [B, K, N, P, D]    bf16/f16 (kernel) or any float (reference)
+    values      [B, K, N, P, D]
+    block_len   [B, K, N]  int32   valid members at the start of each block, 0..P
+    kept        [B, K, cap] int32  kept block ids; entries at or past kept_count are ignored
+    kept_count  [B, K]  int32      0..cap
+    threshold   [B, H]  f32        per query head: keys scoring below it are masked out
+
+Scores are s = q . k / sqrt(D), with q cast to the key dtype (the matmul operand) and f32
+accumulation. Key i of a kept block is attended iff it is a valid member (i < block_len)
+and s_i >= threshold (ties kept).
+
+Is the mask exact DIPR over what was read? Only if the caller makes it so: the threshold is
+an input, not computed from the max of what was read. That is the simplest contract, and it
+is what estimate-then-verify has in hand (m' - beta from the sink/window and the probed
+blocks). Exact DIPR over the read keys (threshold = max over read - beta) needs that max
+first: `exact_dipr_threshold` computes it (a scores-only pass over the kept keys) and a call
+with that threshold is then exact DIPR over the kept blocks (tested against flat DIPR).
+A single-pass kernel cannot do it: a key below the final max - beta may already have been
+added when the max was lower.
+
+Remainder (optional): a per-query-head estimate of the softmax mass of the blocks NOT read,
+as a triple (numerator [B,H,D], denominator [B,H], max [B,H]) with the meaning
+
+    unread softmax mass    = exp(max) * denominator      (denominator >= 0)
+    unread weighted values = exp(max) * numerator
+
+(max is a reference point that keeps both finite, e.g. max over unread centroid scores;
+RetroInfer's estimate is denominator = sum_j n_j exp(q.c_j/sqrt(D) - max) and numerator =
+sum_j n_j exp(...) * mean_value_j). It is merged into the exact part by log-sum-exp; the
+threshold does not apply to it.
+
+Returns o [B, H, D] f32 (softmax-weighted values over attended keys plus the remainder) and
+lse [B, H] f32, the natural log of the total softmax mass (exact part plus remainder). A
+row that attended to nothing and has no remainder mass returns o = 0 and
+lse = EMPTY_LSE (-1e30, finite).
+
+Kernel: one program per (batch, kv head, split of the kept list); each split reads up to
+`blocks_per_program` kept blocks through a TMA pipeline (`plgpu.emit_pipeline` with a
+dynamic step count = the split's share of kept_count, so nothing past the count is read)
+whose index_map reads block ids from shared memory, several steps in flight. The kernel
+reads q, threshold, kept, kept_count and block_len in place (aligned TMA windows, no XLA
+preprocessing), runs an online softmax in the log2 domain, and writes a normalized partial
+(o, lse); the partials and the remainder merge in a small XLA epilogue.
+
+Why WGMMA and not vector FMAs for the thin group (G = 4 of Llama-3-8B): the G rows are padded
+to one 64-row tile and both products run on the tensor cores. That spends 16x the FLOPs, but
+decode is memory-bound (one 32-key block is 16 KB of K+V for ~1 MFLOP of padded MMA, ~25% of
+the H100's tensor rate at full HBM bandwidth), and the WGMMA register layouts give the row
+max/sum reductions and the P.V accumulation for free; the P.V operand swizzle is chosen to
+divide a block (P=16: 32 B, P=32: 64 B, P>=64: 128 B).
+
+Measured on an H200 (jax 0.11.2; Llama-3-8B layer, 1M context, batch 1; GPU kernel time from
+the profiler, benchmarks/results/kernels*.json): 2% of blocks kept (86 MB of K+V) 32 us in
+the kernel (2.6 TB/s) + ~8 us of merge kernels; 64K tokens per kv head (268 MB) 78-84 us
+(3.2-3.4 TB/s, ~70% of the 4.6 TB/s read roofline); nothing kept 3.9 us (the fixed cost of
+the launch and the per-program prologue/epilogue). XLA's gather path: 170 us at 2%.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from alaya_jax.errors import ConfigError, ShapeError
+from alaya_jax.pallas import _mgpu
+from alaya_jax.pallas._mgpu import EMPTY_LSE, MASK_VALUE
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_ROWS = 64  # one WGMMA M tile; the G query rows of a kv head are padded to it
+# block_len is read per kept block in windows of 32 int32: pipeline slots of shared memory
+# must be 128-byte aligned for TMA (16-byte windows gave CUDA_ERROR_MISALIGNED_ADDRESS).
+_LEN_WINDOW = 32
+_HI = lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class GatheredAttentionConfig:
+  """Tuning knobs of the Mosaic GPU kernel (static under jit).
+
+  blocks_per_program: kept blocks one program reads (a multiple of 4, at most 256);
+    None picks from the capacity so that the launch has a few programs per SM.
+  steps_in_flight: pipeline steps (TMA copies of K, V and lengths) in flight per program.
+  blocks_per_step: kept blocks per pipeline step (2 halves the per-step overheads: one
+    barrier wait, one softmax rescale and one WGMMA wait for two blocks).
+  """
+  blocks_per_program: int | None = None
+  steps_in_flight: int = 4
+  blocks_per_step: int = 1
+
+  def __post_init__(self):
+    b = self.blocks_per_program
+    if b is not None and (b < 4 or b % 4 or b > 256):
+      raise ConfigError(f"blocks_per_program must be a multiple of 4 in [4, 256], got {b}")
+    if self.blocks_per_step not in (1, 2):
+      raise ConfigError(f"blocks_per_step must be 1 or 2, got {self.blocks_per_step}")
+    if not 1 <= self.steps_in_flight <= 16:
+      raise ConfigError(f"steps_in_flight must be in [1, 16], got {self.steps_in_flight}")
+
+
+def _check_shapes(q, keys, values, block_len, kept, kept_count, threshold):
+  if q.ndim != 3 or keys.ndim != 5:
+    raise ShapeError(f"expected q [B,H,D] and keys [B,K,N,P,D], got {q.shape} and {keys.shape}")
+  b, h, d = q.shape
+  _, k, n, p, dk = keys.shape
+  if keys.shape[0] != b or dk != d:
+    raise ShapeError(f"keys {keys.shape} do not match q {q.shape}")
+  if values.shape != keys.shape:
+    raise ShapeError(f"values {values.shape} must have the keys' shape {keys.shape}")
+  if h % k:
+    raise ShapeError(f"{h} query heads are not a multiple of {k} kv heads")
+  if block_len.shape != (b, k, n):
+    raise ShapeError(f"block_len {block_len.shape}, expected {(b, k, n)}")
+  if kept.ndim != 3 or kept.shape[:2] != (b, k):
+    raise ShapeError(f"kept {kept.shape}, expected ({b}, {k}, cap)")
+  if kept_count.shape != (b, k):
+    raise ShapeError(f"kept_count {kept_count.shape}, expected {(b, k)}")
+  if threshold.shape != (b, h):
+    raise ShapeError(f"threshold {threshold.shape}, expected {(b, h)}")
+  return b, h, d, k, n, p, h // k, kept.shape[2]
+
+
+def merge_remainder(m, l, numerator, remainder):
+  """Adds the remainder's softmax mass to an exact part given as (m [..], l [..], numerator
+  [.., D]) with mass exp(m) * l; returns (o, lse) under the numerics contract."""
+  if remainder is not None:
+    r_num, r_den, r_max = (x.astype(jnp.float32) for x in remainder)
+    r_max = jnp.where(r_den > 0, r_max, MASK_VALUE)
+    m_tot = jnp.maximum(m, r_max)
+    a, b = jnp.exp(m - m_tot), jnp.exp(r_max - m_tot)
+    l = l * a + r_den * b
+    numerator = numerator * a[..., None] + r_num * b[..., None]
+    m = m_tot
+  has_mass = l > 0
+  o = numerator / jnp.where(has_mass, l, 1.0)[..., None]
+  lse = jnp.where(has_mass, m + jnp.log(jnp.where(has_mass, l, 1.0)), EMPTY_LSE)
+  return jnp.where(has_mass[..., None], o, 0.0), lse
+
+
+def _gather_kept(x, ids):
+  """x [B, K, N, ...], ids [B, K, cap] -> [B, K, cap, ...]."""
+  b, k = ids.shape[:2]
+  return x[jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], ids]
+
+
+def gathered_attention_reference(
+    q,            # [B, H, D]
+    keys,         # [B, K, N, P, D]
+    values,       # [B, K, N, P, D]
+    block_len,    # [B, K, N] int32
+    kept,         # [B, K, cap] int32
+    kept_count,   # [B, K] int32
+    threshold,    # [B, H] f32
+    *,
+    remainder=None,  # (numerator [B,H,D], denominator [B,H], max [B,H]) or None
+):
+  """Pure jnp reference (f32 math); same contract as `gathered_attention`."""
+  b, h, d, k, n, p, g, cap = _check_shapes(q, keys, values, block_len, kept, kept_count,
+                                           threshold)
+  ids = jnp.clip(kept, 0, n - 1)
+  entry_ok = jnp.arange(cap) < kept_count[..., None]                     # [B,K,cap]
+  lens = jnp.where(entry_ok, _gather_kept(block_len, ids), 0)            # [B,K,cap]
+  member = jnp.arange(p) < lens[..., None]                               # [B,K,cap,P]
+  kg = _gather_kept(keys, ids).astype(jnp.float32)                       # [B,K,cap,P,D]
+  vg = _gather_kept(values, ids).astype(jnp.float32)
+  qg = q.astype(keys.dtype).astype(jnp.float32).reshape(b, k, g, d)
+  s = jnp.einsum("bkgd,bkcpd->bkgcp", qg, kg, precision=_HI) / math.sqrt(d)
+  thr = threshold.astype(jnp.float32).reshape(b, k, g, 1, 1)
+  mask = member[:, :, None] & (s >= thr)                                 # [B,K,G,cap,P]
+  s = jnp.where(mask, s, MASK_VALUE)
+  m = s.max(axis=(-2, -1))                                               # [B,K,G]
+  e = jnp.where(mask, jnp.exp(s - m[..., None, None]), 0.0)
+  l = e.sum(axis=(-2, -1))
+  num = jnp.einsum("bkgcp,bkcpd->bkgd", e, vg, precision=_HI)
+  m = jnp.where(l > 0, m, MASK_VALUE)
+  o, lse = merge_remainder(m.reshape(b, h), l.reshape(b, h), num.reshape(b, h, d), remainder)
+  return o, lse
+
+
+def exact_dipr_threshold(q, keys, block_len, kept, kept_count, beta):
+  """threshold [B, H] = (max score over the valid kept keys) - beta, per query head: with it,
+  `gathered_attention` is exact DIPR over what was read. Reads the kept keys once (jnp)."""
+  b, h, d = q.shape
+  _, k, n, p, _ = keys.shape
+  g, cap = h // k, kept.shape[2]
+  ids = jnp.clip(kept, 0, n - 1)
+  entry_ok = jnp.arange(cap) < kept_count[..., None]
+  lens = jnp.where(entry_ok, _gather_kept(block_len, ids), 0)
+  member = jnp.arange(p) < lens[..., None]
+  qg = q.astype(keys.dtype).astype(jnp.float32).reshape(b, k, g, d)
+  s = jnp.einsum("bkgd,bkcpd->bkgcp", qg, _gather_kept(keys, ids).astype(jnp.float32),
+                 precision=_HI) / math.sqrt(d)
+  s = jnp.where(member[:, :, None], s, MASK_VALUE)
+  return (s.max(axis=(-2, -1)) - beta).reshape(b, h)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def _attention_kernel(
+    q_gmem,      # [B*H, D]      queries in the key dtype
+    thr_gmem,    # [B*H] f32     thresholds
+    kept_gmem,   # [B*K*cap] int32
+    cnt_gmem,    # [B*K] int32
+    blen_gmem,   # [B*K*N] int32
+    k_gmem,      # [B*K*N*P, D]
+    v_gmem,      # [B*K*N*P, D]
+    o_gmem,      # [programs, G, D] f32   normalized partial outputs
+    lse_gmem,    # [programs, 64] f32     natural-log partial lse (rows (bk*G)%8 + [0, G) used)
+    q_smem, thr_smem, ids_smem, cnt_smem, bars,
+    *, splits, g, n, cap, chunk, p, d, dtype, q_rows, per_step, k_transforms, v_transforms,
+    steps_in_flight, interpret):
+  """One program: kv head bk = pid // splits, kept entries [s*chunk, (s+1)*chunk).
+
+  The q and threshold windows (q_rows rows) start at the 8-row boundary at or before the
+  group's first head (row offset (bk*G) % 8, as TMA into a tiled tile needs); their other
+  rows belong to other heads (or lie past the array end, where TMA fills zeros), and rows
+  q_rows..63 of the WGMMA tile hold whatever shared memory held: all of those rows are
+  computed independently and discarded. Windows past the end of kept/kept_count/block_len
+  are likewise harmless.
+  """
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  pid = lax.axis_index("p")
+  bk = lax.div(pid, jnp.int32(splits))
+  split = lax.rem(pid, jnp.int32(splits))
+  # Copies start on aligned rows/words: 8 rows for the tiled q tile, 16 bytes for 1-D ones.
+  q_start = pl.multiple_of(lax.div(bk * g, 8) * 8, 8)
+  plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(q_start, q_rows)], q_smem.at[pl.ds(0, q_rows)],
+                          bars.at[0])
+  plgpu.copy_gmem_to_smem(thr_gmem.at[pl.ds(q_start, q_rows)], thr_smem.at[pl.ds(0, q_rows)],
+                          bars.at[1])
+  ids_start = pl.multiple_of(bk * cap + split * chunk, 4)
+  plgpu.copy_gmem_to_smem(kept_gmem.at[pl.ds(ids_start, chunk)], ids_smem, bars.at[2])
+  cnt_start = pl.multiple_of(lax.div(bk, 4) * 4, 4)
+  plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(cnt_start, 4)], cnt_smem, bars.at[3])
+  for i in range(4):
+    plgpu.barrier_wait(bars.at[i])
+  count = jnp.minimum(cnt_smem[lax.rem(bk, 4)], cap)
+  n_entries = jnp.clip(count - split * chunk, 0, chunk)
+  n_steps = lax.div(n_entries + (per_step - 1), jnp.int32(per_step))
+  row = plgpu.Layout.WGMMA.reduce(1)
+  thr = _mgpu.load_with_layout(thr_smem, row, interpret)
+  scale = 1.0 / math.sqrt(d)
+  first_block = bk * n
+  col = _mgpu.broadcasted_iota(jnp.int32, (_ROWS, p), 1, plgpu.Layout.WGMMA, interpret)
+  thr_b = lax.broadcast_in_dim(thr, (_ROWS, p), [0])
+
+  def block(j):  # global block number of kept entry j (clamped: entries past count are junk)
+    return first_block + jnp.clip(ids_smem[j], 0, n - 1)
+
+  def step(idx, *refs):
+    *refs, carry = refs
+    k_refs, v_refs, len_refs = refs[:per_step], refs[per_step:2 * per_step], refs[2 * per_step:]
+    acc, m, l = carry
+    (i,) = idx
+
+    def qk(*s_refs):
+      for s_ref, k_ref in zip(s_refs, k_refs):
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_ref, (1, 0)))
+      return [s_ref[...] for s_ref in s_refs]
+
+    if interpret:  # jax 0.10.2's interpreter has no transposed WGMMA operand
+      scores = [lax.dot_general(q_smem[...], k_ref[...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) for k_ref in k_refs]
+    else:
+      scores = pl.run_scoped(qk, *[plgpu.ACC((_ROWS, p), jnp.float32)] * per_step)
+    keeps, s2s = [], []
+    m_new = m
+    for t in range(per_step):
+      j = i * per_step + t
+      length = jnp.where(j < n_entries, len_refs[t][lax.rem(block(j), _LEN_WINDOW)], 0)
+      s = scores[t] * scale
+      keep = (col < length) & (s >= thr_b)
+      s2 = jnp.where(keep, s * _LOG2E, MASK_VALUE)
+      m_new = jnp.maximum(m_new, s2.max(axis=1))
+      keeps.append(keep)
+      s2s.append(s2)
+    alpha = jnp.exp2(m - m_new)
+    m_b = lax.broadcast_in_dim(m_new, (_ROWS, p), [0])
+    es = [jnp.where(keep, jnp.exp2(s2 - m_b), 0.0) for keep, s2 in zip(keeps, s2s)]
+    l = l * alpha + sum(e.sum(axis=1) for e in es)
+    acc = acc * lax.broadcast_in_dim(alpha, (_ROWS, d), [0])
+
+    def pv(pv_ref):
+      for e, v_ref in zip(es, v_refs):
+        plgpu.wgmma(pv_ref, e.astype(dtype), v_ref)
+      return pv_ref[...]
+
+    # A fresh accumulator and an add rather than run_state on `acc`: the same code then
+    # runs in the CPU interpreter, which has no rule for run_state (64 adds a thread a step).
+    if interpret:  # nor a WGMMA with its A operand in registers
+      for e, v_ref in zip(es, v_refs):
+        acc = acc + jnp.dot(e.astype(dtype), v_ref[...], preferred_element_type=jnp.float32)
+    else:
+      acc = acc + pl.run_scoped(pv, plgpu.ACC((_ROWS, d), jnp.float32))
+    return acc, m_new, l
+
+  def kv_spec(t, transforms):
+    return plgpu.BlockSpec((p, d), lambda i: (block(i * per_step + t), 0), transforms=transforms)
+
+  def len_spec(t):  # the aligned window of block_len holding this block's length
+    return plgpu.BlockSpec((_LEN_WINDOW,),
+                           lambda i: (lax.div(block(i * per_step + t), _LEN_WINDOW),))
+
+  acc0 = _mgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA,
+                           interpret)
+  m0 = _mgpu.layout_cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret)
+  l0 = _mgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32), row, interpret)
+  specs = ([kv_spec(t, k_transforms) for t in range(per_step)]
+           + [kv_spec(t, v_transforms) for t in range(per_step)]
+           + [len_spec(t) for t in range(per_step)])
+  acc, m, l = plgpu.emit_pipeline(
+      step,
+      grid=(n_steps,),
+      in_specs=specs,
+      max_concurrent_steps=steps_in_flight,
+      init_carry=(acc0, m0, l0),
+  )(*[k_gmem] * per_step, *[v_gmem] * per_step, *[blen_gmem] * per_step)
+
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  o = acc / lax.broadcast_in_dim(l_safe, (_ROWS, d), [0])
+  lse = jnp.where(empty, EMPTY_LSE, m * _LN2 + jnp.log(l_safe))
+
+  def store(o_smem, lse_smem):
+    o_smem[...] = o
+    lse_smem[...] = lse
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(bk * g - q_start, g)], o_gmem.at[pid])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[pid])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32))
+
+
+def default_blocks_per_program(cap: int, bk: int, *, target_programs: int = 528) -> int:
+  """Enough splits that B*K*splits reaches ~4 programs per SM of an H100 (132 SMs)."""
+  per = -(-cap * bk // target_programs)
+  return int(min(64, max(4, -(-per // 4) * 4)))
+
+
+def kernel_supports(q, keys) -> str | None:
+  """None if the Mosaic GPU kernel takes these shapes/dtypes, else the reason it does not."""
+  b, h, d = q.shape
+  _, k, n, p, _ = keys.shape
+  g = h // k
+  if jnp.dtype(keys.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return (f"keys/values dtype {jnp.dtype(keys.dtype).name}: the kernel's WGMMA takes 16-bit "
+            "operands (f32 would need tf32 with K-major values, which the P.V product is not)")
+  if d % 64 or d > 256:
+    return f"head dim {d}: the kernel needs a multiple of 64 up to 256"
+  if p % 16 or p > 256:
+    return f"block size P={p}: the kernel needs a multiple of 16 up to 256"
+  if g > _ROWS - 7:
+    return f"group size G={g}: the kernel takes at most {_ROWS - 7} query heads per kv head"
+  return None
+
+
+def merge_splits(o_part, lse_part, remainder):
+  """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..]."""
+  b, k, _, g, d = o_part.shape
+  m = lse_part.max(axis=2)                                                    # [B,K,G]
+  w = jnp.broadcast_to(jnp.exp(lse_part - m[:, :, None])[..., None], o_part.shape)
+  # Mass and numerator as sibling reductions of one shape: XLA runs them as one kernel
+  # (the merge is launch-bound: 5 small kernels before, ~8 us of the GPU's time at 1M).
+  l = w.sum(axis=2)[..., 0]
+  num = (w * o_part).sum(axis=2)
+  l = jnp.where(m <= EMPTY_LSE / 2, 0.0, l)
+  return merge_remainder(m.reshape(b, k * g), l.reshape(b, k * g), num.reshape(b, k * g, d),
+                         remainder)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
+                             remainder, *, config: GatheredAttentionConfig, interpret: bool):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  b, h, d, k, n, p, g, cap = _check_shapes(q, keys, values, block_len, kept, kept_count,
+                                           threshold)
+  dtype = keys.dtype
+  bk = b * k
+  per_step = config.blocks_per_step
+  chunk = config.blocks_per_program or default_blocks_per_program(cap, bk)
+  chunk = -(-chunk // (4 * per_step)) * 4 * per_step
+  splits = -(-cap // chunk)
+  programs = bk * splits
+
+  kept = kept.astype(jnp.int32)
+  if cap % 4:  # 1-D copies start on 16-byte boundaries: a copy of kept, for odd capacities
+    kept = jnp.pad(kept, ((0, 0), (0, 0), (0, 4 - cap % 4)))
+    cap = kept.shape[2]
+  flat = dict(q=q.astype(dtype).reshape(b * h, d), thr=threshold.astype(jnp.float32).reshape(-1),
+              kept=kept.reshape(-1), cnt=kept_count.astype(jnp.int32).reshape(-1),
+              blen=block_len.astype(jnp.int32).reshape(-1))
+  q_rows = -(-(g + 7) // 8) * 8   # q rows read per program: the group from an 8-row boundary
+  # TMA windows: a tiled copy needs the rows in whole 8-row tiles, and no window may be larger
+  # than its array; past the end of an array the GPU's TMA reads zeros, so the last windows
+  # need no padding there (the interpreter does need it).
+  tail = interpret
+  want = dict(q=-(-max(b * h, q_rows) // 8) * 8 + (q_rows if tail else 0),
+              thr=max(b * h, q_rows) + (q_rows if tail else 0),
+              kept=max(bk * cap, chunk) + (chunk if tail else 0),
+              cnt=max(bk, 4) + (4 if tail else 0),
+              blen=max(bk * n, _LEN_WINDOW) + (_LEN_WINDOW if tail else 0))
+  for name, size in want.items():
+    x = flat[name]
+    if size > x.shape[0]:
+      flat[name] = jnp.pad(x, ((0, size - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+  _, qk_t = _mgpu.smem_transforms(d, dtype)
+  # The P.V product contracts over P: its swizzle must also divide a P-row of the tile.
+  _, v_t = _mgpu.smem_transforms(d, dtype, at_most=_mgpu.swizzle_for(p, dtype))
+  body = functools.partial(
+      _attention_kernel, splits=splits, g=g, n=n, cap=cap, chunk=chunk, p=p, d=d, dtype=dtype,
+      q_rows=q_rows, per_step=per_step, k_transforms=qk_t, v_transforms=v_t,
+      steps_in_flight=config.steps_in_flight, interpret=interpret)
+  kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
+  o_part, lse_part = plgpu.kernel(
+      body,
+      out_type=(jax.ShapeDtypeStruct((programs, g, d), jnp.float32),
+                jax.ShapeDtypeStruct((programs, _ROWS), jnp.float32)),
+      grid=(programs,),
+      grid_names=("p",),
+      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+      scratch_types=[
+          plgpu.SMEM((_ROWS, d), dtype, transforms=qk_t),
+          plgpu.SMEM((_ROWS,), jnp.float32),
+          plgpu.SMEM((chunk,), jnp.int32),
+          plgpu.SMEM((4,), jnp.int32),
+          plgpu.Barrier(num_barriers=4),
+      ],
+      **kw,
+  )(flat["q"], flat["thr"], flat["kept"], flat["cnt"], flat["blen"], keys.reshape(-1, d),
+    values.reshape(-1, d))
+  # lse rows of kv head bk start at (bk*G) % 8 in its 64-row window (static offsets)
+  rows = (np.arange(bk) * g % 8)[:, None] + np.arange(g)                       # [bk, G]
+  lse_part = jnp.take_along_axis(lse_part.reshape(bk, splits, _ROWS),
+                                 jnp.asarray(rows[:, None, :]), axis=2)
+  return merge_splits(o_part.reshape(b, k, splits, g, d), lse_part.reshape(b, k, splits, g),
+                      remainder)
+
+
+def gathered_attention(
+    q,            # [B, H, D]
+    keys,         # [B, K, N, P, D]
+    values,       # [B, K, N, P, D]
+    block_len,    # [B, K, N] int32
+    kept,         # [B, K, cap] int32
+    kept_count,   # [B, K] int32
+    threshold,    # [B, H] f32
+    *,
+    remainder=None,
+    impl: str | None = None,
+    config: GatheredAttentionConfig = GatheredAttentionConfig(),
+    interpret: bool = False,
+):
+  """Sparse decode attention over the kept blocks; see the module docstring for the contract.
+
+  impl: "pallas" (Mosaic GPU kernel; on the CPU only with interpret=True), "xla" (the jnp
+  reference under XLA) or None (pallas on a GPU, xla elsewhere). An unsupported dtype or
+  shape under "pallas" raises NotImplementedError naming it.
+  Returns (o [B, H, D] f32, lse [B, H] f32).
+  """
+  impl = _mgpu.resolve_impl(impl, interpret, "gathered_attention")
+  if impl == "xla":
+    return gathered_attention_reference(q, keys, values, block_len, kept, kept_count,
+                                        threshold, remainder=remainder)
+  why = kernel_supports(q, keys)
+  if why:
+    raise NotImplementedError(f"gathered_attention(impl='pallas'): {why}")
+  return _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
+                                  remainder, config=config, interpret=interpret)

@@ -1,0 +1,212 @@
+"""Gathered sparse decode attention: the jnp reference against brute force, and the Mosaic GPU
+kernel against the reference (in jax's GPU interpreter on the CPU, natively on a GPU).
+
+Each interpreter call compiles for ~5-10 s on a 2-core CPU, so the kernel cases pack many
+conditions into one call: ragged kept counts across batch and heads (0, 1, some, all),
+thresholds that keep every or no key of a block, partly filled and empty blocks.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alaya_jax.pallas import gathered_attention as ga
+from alaya_jax.pallas._mgpu import EMPTY_LSE, MASK_VALUE
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2, jnp.float32: 1e-5}
+
+
+def make(b=2, k=2, g=4, n=12, p=16, d=64, cap=6, dtype=jnp.bfloat16, seed=0):
+  """Random inputs (numpy, no per-op compiles): counts all, 0, 1 first, then random."""
+  rng = np.random.default_rng(seed)
+  h = k * g
+  q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
+  keys = jnp.asarray(rng.standard_normal((b, k, n, p, d)), dtype)
+  vals = jnp.asarray(rng.standard_normal((b, k, n, p, d)), dtype)
+  blen = rng.integers(1, p + 1, (b, k, n)).astype(np.int32)
+  blen[..., 0] = p
+  kept = np.argsort(rng.random((b, k, n)), axis=-1)[..., :cap].astype(np.int32)
+  cnt = rng.integers(0, cap + 1, b * k).astype(np.int32)
+  cnt[:3] = [cap, 0, 1][: min(3, b * k)]
+  thr = jnp.full((b, h), MASK_VALUE, jnp.float32)  # attend every valid key
+  return (q, keys, vals, jnp.asarray(blen), jnp.asarray(kept), jnp.asarray(cnt.reshape(b, k)),
+          thr)
+
+
+def dense_attention(q, keys, vals, mask):
+  """Brute force in float64 numpy. q [H,D], keys/vals [H,M,D], mask [H,M] -> o [H,D], lse [H]."""
+  q, keys, vals = (np.asarray(x, np.float64) for x in (q, keys, vals))
+  s = np.einsum("hd,hmd->hm", q, keys) / math.sqrt(q.shape[-1])
+  s = np.where(mask, s, -np.inf)
+  mx = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+  mx = np.where(np.isfinite(mx), mx, 0.0)
+  e = np.where(mask, np.exp(s - mx), 0.0)
+  l = e.sum(-1)
+  o = np.einsum("hm,hmd->hd", e, vals) / np.where(l > 0, l, 1.0)[:, None]
+  lse = np.where(l > 0, mx[:, 0] + np.log(np.where(l > 0, l, 1.0)), EMPTY_LSE)
+  return o, lse
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+
+
+reference = jax.jit(ga.gathered_attention_reference)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def test_reference_equals_dense_attention_over_kept_blocks():
+  q, keys, vals, blen, kept, cnt, thr = make(b=2, k=2, g=3, dtype=jnp.float32)
+  thr = thr.at[0, 1].set(0.3).at[1, 4].set(-0.2)
+  o, lse = reference(q, keys, vals, blen, kept, cnt, thr)
+  q, keys, vals, blen, kept, cnt, thr = map(np.asarray, (q, keys, vals, blen, kept, cnt, thr))
+  b, h, d = q.shape
+  k, p = keys.shape[1], keys.shape[3]
+  g = h // k
+  for bi in range(b):
+    for hi in range(h):
+      ki = hi // g
+      ids = kept[bi, ki, : cnt[bi, ki]]
+      kk, vv = keys[bi, ki, ids].reshape(-1, d), vals[bi, ki, ids].reshape(-1, d)
+      member = (np.arange(p)[None] < blen[bi, ki, ids][:, None]).reshape(-1)
+      s = kk.astype(np.float64) @ q[bi, hi] / math.sqrt(d)
+      mask = member & (s >= thr[bi, hi])
+      eo, else_ = dense_attention(q[bi, hi][None], kk[None], vv[None], mask[None])
+      np.testing.assert_allclose(o[bi, hi], eo[0], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(lse[bi, hi], else_[0], rtol=1e-6, atol=1e-6)
+
+
+def test_reference_all_kept_equals_full_attention():
+  """Every block kept and threshold off: sparse == dense attention over the whole cache."""
+  q, keys, vals, blen, _, _, thr = make(b=1, k=2, g=4, n=5, dtype=jnp.float32)
+  blen = jnp.full(blen.shape, keys.shape[3], jnp.int32)
+  kept = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (1, 2, 5))
+  o, lse = reference(q, keys, vals, blen, kept, jnp.full((1, 2), 5, jnp.int32), thr)
+  kk = np.repeat(np.asarray(keys).reshape(1, 2, -1, 64), 4, axis=1)[0]
+  vv = np.repeat(np.asarray(vals).reshape(1, 2, -1, 64), 4, axis=1)[0]
+  eo, else_ = dense_attention(q[0], kk, vv, np.ones(kk.shape[:2], bool))
+  np.testing.assert_allclose(o[0], eo, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(lse[0], else_, rtol=1e-6)
+
+
+def test_reference_empty_rows_and_remainder_merge():
+  q, keys, vals, blen, kept, cnt, thr = make(b=1, k=2, g=2, dtype=jnp.float32)
+  cnt = jnp.array([[0, 3]], jnp.int32)
+  thr = thr.at[0, 3].set(1e9)                      # head 3 reads blocks but keeps no key
+  o, lse = reference(q, keys, vals, blen, kept, cnt, thr)
+  empty = np.float32(EMPTY_LSE)
+  assert np.all(np.asarray(o[0, :2]) == 0) and np.all(np.asarray(lse[0, :2]) == empty)
+  assert np.all(np.asarray(o[0, 3]) == 0) and lse[0, 3] == empty
+  assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(lse)))
+  # remainder: exp(max) * (denominator, numerator) merges by log-sum-exp
+  num = jnp.asarray(np.random.default_rng(3).standard_normal((1, 4, 64)), jnp.float32)
+  den = jnp.array([[2.0, 0.0, 1.5, 4.0]])
+  mx = jnp.array([[0.5, 7.0, -1.0, 2.0]])
+  o2, lse2 = jax.jit(ga.gathered_attention_reference)(q, keys, vals, blen, kept, cnt, thr,
+                                                      remainder=(num, den, mx))
+  # empty exact part: the result is the remainder alone
+  np.testing.assert_allclose(o2[0, 0], num[0, 0] / 2.0, rtol=1e-6)
+  np.testing.assert_allclose(lse2[0, 0], 0.5 + math.log(2.0), rtol=1e-6)
+  assert lse2[0, 1] == empty and np.all(np.asarray(o2[0, 1]) == 0)  # denominator 0
+  # non-empty: total mass = exp(lse) + exp(max) * denominator, numerators likewise
+  m_exact = float(lse[0, 2])
+  tot = math.exp(m_exact) + math.exp(-1.0) * 1.5
+  np.testing.assert_allclose(float(lse2[0, 2]), math.log(tot), rtol=1e-5)
+  want = (np.asarray(o[0, 2]) * math.exp(m_exact) + np.asarray(num[0, 2]) * math.exp(-1.0)) / tot
+  np.testing.assert_allclose(o2[0, 2], want, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_dipr_threshold_matches_flat_dipr():
+  """threshold = max over read - beta makes the kernel's mask exact DIPR over what was read."""
+  q, keys, vals, blen, kept, cnt, _ = make(b=1, k=1, g=2, n=6, cap=6, dtype=jnp.float32)
+  cnt = jnp.array([[6]], jnp.int32)
+  beta = 0.7
+  thr = jax.jit(ga.exact_dipr_threshold)(q, keys, blen, kept, cnt, beta)
+  o, _ = reference(q, keys, vals, blen, kept, cnt, thr)
+  q, keys, vals, blen = map(np.asarray, (q, keys, vals, blen))
+  d, p = q.shape[-1], keys.shape[3]
+  member = (np.arange(p)[None] < blen[0, 0][:, None]).reshape(-1)
+  s = np.einsum("hd,md->hm", q[0], keys[0, 0].reshape(-1, d)) / math.sqrt(d)
+  s = np.where(member[None], s, -np.inf)
+  np.testing.assert_allclose(thr[0], s.max(-1) - beta, rtol=1e-5)
+  dipr = member[None] & (s >= s.max(-1, keepdims=True) - beta)
+  assert 1 <= int(dipr.sum()) < s.size  # a real DIPR set, not all or nothing
+  kk = np.broadcast_to(keys[0, 0].reshape(-1, d), (2, p * 6, d))
+  vv = np.broadcast_to(vals[0, 0].reshape(-1, d), (2, p * 6, d))
+  eo, _ = dense_attention(q[0], kk, vv, dipr)
+  np.testing.assert_allclose(o[0], eo, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_rules():
+  args = make(b=1, k=1, g=1, n=4, cap=2)
+  dispatch = jax.jit(ga.gathered_attention, static_argnames=("impl",))
+  o_x, _ = dispatch(*args, impl="xla")
+  o_r, _ = reference(*args)
+  np.testing.assert_array_equal(o_x, o_r)
+  if not ON_GPU:
+    with pytest.raises(NotImplementedError, match="needs an NVIDIA GPU"):
+      ga.gathered_attention(*args, impl="pallas")
+    o_auto, _ = dispatch(*args)                     # None: the reference off the GPU
+    np.testing.assert_array_equal(o_auto, o_r)
+  with pytest.raises(NotImplementedError, match="block size P=12"):
+    ga.gathered_attention(*make(b=1, k=1, g=1, n=4, p=12, cap=2), impl="pallas", interpret=True)
+  with pytest.raises(NotImplementedError, match="float32"):
+    ga.gathered_attention(*make(b=1, k=1, g=1, n=4, cap=2, dtype=jnp.float32), impl="pallas",
+                          interpret=True)
+  with pytest.raises(ValueError):
+    ga.GatheredAttentionConfig(blocks_per_program=6)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def check_kernel(args, *, remainder=None, config=ga.GatheredAttentionConfig(), tol=None):
+  q, keys = args[0], args[1]
+  o, lse = ga.gathered_attention(*args, remainder=remainder, impl="pallas", config=config,
+                                 interpret=INTERPRET)
+  ro, rlse = jax.jit(ga.gathered_attention_reference)(*args, remainder=remainder)
+  tol = tol or TOL[keys.dtype.type]
+  assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(lse)))
+  assert rel(o, ro) < tol, rel(o, ro)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(rlse), rtol=tol, atol=tol)
+  # rows with nothing attended: exactly 0 and EMPTY_LSE, like the reference
+  empty = np.asarray(rlse) == np.float32(EMPTY_LSE)
+  assert np.all(np.asarray(o)[empty] == 0) and np.all(np.asarray(lse)[empty] == np.float32(EMPTY_LSE))
+  return o, lse
+
+
+def test_kernel_ragged_counts_thresholds_partial_blocks():
+  """d 64, G 4, bf16; counts all/0/1/random; per-head thresholds keep all, none, some; P 16
+  with partly filled and empty blocks; two splits per kv head (blocks_per_program 4)."""
+  q, keys, vals, blen, kept, cnt, thr = make(b=2, k=2, g=4, n=12, p=16, d=64, cap=7)
+  blen = blen.at[1, 1, :].set(0).at[1, 0, ::2].set(3)
+  thr = thr.at[0, 0].set(1e9)                          # keeps none (blocks still read)
+  thr = thr.at[1].set(jnp.array([-0.1, 0.0, 0.2, MASK_VALUE, 0.1, -0.3, 0.05, 0.4]))
+  rng = np.random.default_rng(1)
+  den = np.abs(rng.standard_normal(q.shape[:2]))
+  den[0, 1] = 0.0                                      # one head with an empty remainder
+  rem = tuple(jnp.asarray(x, jnp.float32) for x in
+              (rng.standard_normal(q.shape), den, rng.standard_normal(q.shape[:2])))
+  check_kernel((q, keys, vals, blen, kept, cnt, thr), remainder=rem,
+               config=ga.GatheredAttentionConfig(blocks_per_program=4, steps_in_flight=2))
+
+
+def test_kernel_d128_group3_no_remainder():
+  """d 128, G 3, P 32, f16, one split covering the whole kept list."""
+  args = make(b=2, k=2, g=3, n=9, p=32, d=128, cap=5, dtype=jnp.float16, seed=4)
+  check_kernel(args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("g,d,p,dtype", [(1, 128, 16, jnp.bfloat16), (8, 64, 64, jnp.bfloat16),
+                                         (4, 128, 32, jnp.bfloat16)])
+def test_kernel_more_shapes(g, d, p, dtype):
+  args = make(b=2, k=2, g=g, n=10, p=p, d=d, cap=8, dtype=dtype, seed=g)
+  check_kernel(args, config=ga.GatheredAttentionConfig(blocks_per_program=4))

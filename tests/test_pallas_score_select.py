@@ -1,0 +1,171 @@
+"""Block scoring + DIPR selection: the jnp reference against brute force and hand-made cases,
+and the Mosaic GPU margins kernel against the reference (CPU interpreter / native GPU)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alaya_jax.pallas import score_select as ss
+from alaya_jax.pallas._mgpu import MASK_VALUE
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+
+
+def brute_force(q, cent, n_blocks, beta, delta, m_lower, cap):
+  """Python loops over (batch, kv head, block, head): the criterion as written."""
+  b, h, d = q.shape
+  k, n = cent.shape[1], cent.shape[2]
+  g = h // k
+  q64, c64 = np.asarray(q, np.float64), np.asarray(cent, np.float64)
+  kept = np.zeros((b, k, cap), np.int32)
+  count = np.zeros((b, k), np.int32)
+  passing = np.zeros((b, k), np.int32)
+  for bi in range(b):
+    for ki in range(k):
+      ids = [j for j in range(int(n_blocks[bi, ki]))
+             if any(q64[bi, hi] @ c64[bi, ki, j] / math.sqrt(d)
+                    >= float(m_lower[bi, hi]) - beta - delta
+                    for hi in range(ki * g, (ki + 1) * g))]
+      passing[bi, ki] = len(ids)
+      count[bi, ki] = min(len(ids), cap)
+      kept[bi, ki, : count[bi, ki]] = ids[:cap]
+  return kept, count, passing
+
+
+reference = jax.jit(ss.score_select_reference, static_argnames="cap")
+
+
+def make(b=2, k=2, g=4, n=40, d=64, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((b, k * g, d)), jnp.float32)
+  cent = jnp.asarray(rng.standard_normal((b, k, n, d)), dtype)
+  m_lower = jnp.asarray(rng.standard_normal((b, k * g)) + 2.0, jnp.float32)
+  return q, cent, m_lower
+
+
+def assert_selection_equal(sel, kept, count, passing):
+  np.testing.assert_array_equal(sel.kept_count, count)
+  np.testing.assert_array_equal(sel.n_passing, passing)
+  np.testing.assert_array_equal(sel.truncated, passing > kept.shape[-1])
+  for bi in range(kept.shape[0]):
+    for ki in range(kept.shape[1]):
+      c = int(count[bi, ki])
+      np.testing.assert_array_equal(sel.kept[bi, ki, :c], kept[bi, ki, :c])
+
+
+def test_reference_matches_brute_force_with_truncation():
+  q, cent, m_lower = make(b=2, k=2, g=3, n=50)
+  n_blocks = jnp.array([[50, 31], [0, 7]], jnp.int32)
+  for cap in (64, 8):  # 8 truncates the first head
+    sel = reference(q, cent, n_blocks, 0.5, 0.25, m_lower, cap=cap)
+    assert_selection_equal(sel, *brute_force(q, cent, n_blocks, 0.5, 0.25, m_lower, cap))
+  assert bool(sel.truncated[0, 0]) and int(sel.kept_count[1, 0]) == 0
+  assert np.all(np.asarray(sel.margin[1, 0]) == MASK_VALUE)   # no valid blocks
+
+
+def test_hand_made_selection():
+  """d=4, one kv head of two query heads, five blocks; scores written out."""
+  q = jnp.array([[[2.0, 0, 0, 0], [0, 2.0, 0, 0]]])            # sqrt(d) = 2: s = c[0] / c[1]
+  cent = jnp.array([[[[3.0, 0, 0, 0], [0.9, 0.9, 0, 0], [0, 2.5, 0, 0], [-1, -1, 0, 0],
+                      [5.0, 5.0, 0, 0]]]])
+  # head 0 scores [3, .9, 0, -1, 5], head 1 [0, .9, 2.5, -1, 5]; block 4 is past n_blocks
+  m_lower = jnp.array([[3.0, 3.0]])
+  sel = reference(q, cent, jnp.array([[4]]), 0.4, 0.1, m_lower, cap=4)
+  # threshold 2.5 for both heads: block 0 (head 0: 3) and block 2 (head 1: 2.5, ties kept)
+  np.testing.assert_array_equal(sel.kept[0, 0, :2], [0, 2])
+  assert int(sel.kept_count[0, 0]) == 2 and not bool(sel.truncated[0, 0])
+  np.testing.assert_allclose(sel.margin[0, 0, :4], [0.5, -1.6, 0.0, -3.5], rtol=1e-6)
+  sel = reference(q, cent, jnp.array([[5]]), 10.0, 0.0, m_lower, cap=3)
+  np.testing.assert_array_equal(sel.kept[0, 0], [0, 1, 2])     # all 5 pass, first 3 kept
+  assert bool(sel.truncated[0, 0]) and int(sel.n_passing[0, 0]) == 5
+
+
+def test_compact_positions_cross_tiles():
+  """More than one 128-row tile of the two-level prefix sum, with a ragged last tile."""
+  margin = jnp.asarray(np.where(np.random.default_rng(5).random((2, 3, 300)) < 0.3, 1.0, -1.0),
+                       jnp.float32)
+  sel = jax.jit(ss.compact, static_argnames="cap")(margin, cap=64)
+  m = np.asarray(margin)
+  for bi in range(2):
+    for ki in range(3):
+      ids = np.nonzero(m[bi, ki] >= 0)[0]
+      c = min(len(ids), 64)
+      assert int(sel.kept_count[bi, ki]) == c
+      np.testing.assert_array_equal(sel.kept[bi, ki, :c], ids[:c])
+
+
+def test_dispatch_rules():
+  q, cent, m_lower = make(b=1, k=1, g=2, n=8)
+  nb = jnp.array([[8]], jnp.int32)
+  a = jax.jit(ss.score_select, static_argnames=("cap", "impl"))(q, cent, nb, 1.0, 0.0, m_lower,
+                                                                 cap=4, impl="xla")
+  r = reference(q, cent, nb, 1.0, 0.0, m_lower, cap=4)
+  np.testing.assert_array_equal(a.kept, r.kept)
+  if not ON_GPU:
+    with pytest.raises(NotImplementedError, match="needs an NVIDIA GPU"):
+      ss.score_select(q, cent, nb, 1.0, 0.0, m_lower, cap=4, impl="pallas")
+  q9, c9, m9 = make(b=1, k=1, g=10, n=8)
+  with pytest.raises(NotImplementedError, match="group size G=10"):
+    ss.score_select(q9, c9, nb, 1.0, 0.0, m9, cap=4, impl="pallas", interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+def test_kernel_margins_and_selection(dtype):
+  """G 3 (group windows at row offsets 0, 3, 6, 1), n_blocks ragged (0, partial tiles, all),
+  N not a multiple of 64 (padded), several tiles per program."""
+  q, cent, m_lower = make(b=2, k=2, g=3, n=200, d=64, seed=1)
+  nb = jnp.array([[200, 0], [65, 131]], jnp.int32)
+  for c, tol in ((cent.astype(dtype), 1e-5),):
+    sel = ss.score_select(q, c, nb, 1.0, 0.5, m_lower, cap=48, impl="pallas",
+                          interpret=INTERPRET,
+                          config=ss.ScoreSelectConfig(tiles_per_program=2, steps_in_flight=2))
+    ref = reference(q, c, nb, 1.0, 0.5, m_lower, cap=48)
+    valid = np.asarray(ref.margin) > MASK_VALUE / 2
+    if ON_GPU and c.dtype == jnp.float32:
+      tol = 5e-2  # tf32 on the tensor cores
+    np.testing.assert_allclose(np.asarray(sel.margin)[valid], np.asarray(ref.margin)[valid],
+                               rtol=tol, atol=tol)
+    assert np.all(np.asarray(sel.margin)[~valid] == MASK_VALUE)
+    if not ON_GPU:
+      np.testing.assert_array_equal(sel.kept, ref.kept)
+      np.testing.assert_array_equal(sel.kept_count, ref.kept_count)
+
+
+@pytest.mark.slow
+def test_kernel_group4_d128():
+  q, cent, m_lower = make(b=1, k=4, g=4, n=128, d=128, seed=2)
+  nb = jnp.array([[128, 100, 64, 1]], jnp.int32)
+  sel = ss.score_select(q, cent.astype(jnp.bfloat16), nb, 0.5, 0.5, m_lower, cap=32,
+                        impl="pallas", interpret=INTERPRET)
+  ref = reference(q, cent.astype(jnp.bfloat16), nb, 0.5, 0.5, m_lower, cap=32)
+  np.testing.assert_allclose(sel.margin, ref.margin, rtol=1e-5, atol=1e-5)
+
+
+def test_quest_reference_bound_and_kernel():
+  """Quest's bound sum_d max(q kmin, q kmax) is an upper bound of every member's score, and
+  the two-product kernel (q+ . kmax + q- . kmin) matches the reference."""
+  rng = np.random.default_rng(7)
+  b, k, g, n, p, d = 1, 2, 3, 70, 8, 64
+  keys = rng.standard_normal((b, k, n, p, d)).astype(np.float32)
+  kmin, kmax = jnp.asarray(keys.min(3)), jnp.asarray(keys.max(3))
+  q = jnp.asarray(rng.standard_normal((b, k * g, d)), jnp.float32)
+  nb = jnp.array([[70, 33]], jnp.int32)
+  zero = jnp.zeros((b, k * g), jnp.float32)
+  bound = jax.jit(ss.quest_margins_reference)(q, kmin, kmax, nb, zero)     # threshold 0
+  s = np.einsum("bkgd,bknpd->bkgnp", np.asarray(q).reshape(b, k, g, d), keys) / math.sqrt(d)
+  best = s.max(axis=(2, 4))                                                 # [B,K,N]
+  valid = np.arange(n)[None, None] < np.asarray(nb)[..., None]
+  assert np.all(np.asarray(bound)[valid] >= best[valid] - 1e-5)
+  m_lower = jnp.asarray(best.max(-1).repeat(g, axis=1), jnp.float32)        # the true max
+  sel = ss.quest_select(q, kmin, kmax, nb, 0.5, 0.0, m_lower, cap=64, impl="pallas",
+                        interpret=INTERPRET)
+  ref = jax.jit(ss.quest_select_reference, static_argnames="cap")(q, kmin, kmax, nb, 0.5, 0.0,
+                                                                  m_lower, cap=64)
+  tol = 5e-2 if ON_GPU else 1e-5
+  np.testing.assert_allclose(np.asarray(sel.margin)[valid], np.asarray(ref.margin)[valid],
+                             rtol=tol, atol=tol)
+  if not ON_GPU:
+    np.testing.assert_array_equal(sel.kept, ref.kept)
