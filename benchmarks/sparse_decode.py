@@ -101,6 +101,7 @@ def main(argv=None):
                            read_fraction=stats["read_fraction"],
                            truncated_layer_steps=stats["truncated_layer_steps"])
             rows.append(row)
+            _write(args, rows, cfg)  # after every row: a run cut short keeps what it measured
             print(f"{spec} @ {ctx}: {s * 1e3:.2f} ms/step "
                   + (f"attended {stats['attended_fraction']:.3f} read {stats['read_fraction']:.3f} "
                      f"truncated {stats['truncated_layer_steps']}" if stats else ""), flush=True)
@@ -110,15 +111,20 @@ def main(argv=None):
             base = min(mine, key=lambda r: r["context"])["decode_ms"]
             for r in mine:
                 r["ratio_to_smallest_context"] = r["decode_ms"] / base
-    meta = dict(device=device, backend=backend, jax=jax.__version__, model=cfg.name,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="python " + " ".join(sys.argv), steps=args.steps, batch=1)
+    meta = _write(args, rows, cfg)
+    plot(rows, meta, os.path.join(args.out, f"sparse_decode_{jax.default_backend()}.png"))
+
+
+def _write(args, rows, cfg):
+    backend = jax.default_backend()
+    meta = dict(device=str(jax.devices()[0].device_kind), backend=backend, jax=jax.__version__,
+                model=cfg.name, steps=args.steps, batch=1, command="python " + " ".join(sys.argv),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sparse_decode_{backend}.json")
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print("wrote", path)
-    plot(rows, meta, os.path.join(args.out, f"sparse_decode_{backend}.png"))
+    return meta
 
 
 def plot(rows, meta, path):
