@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs everything, then answers a question about a long shipped document
+#   make demo   installs everything, stores a long shipped document as a session, then answers
+#               questions about it, each in a new process reusing the stored session
 #   make test   installs everything, then runs the tests (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,9 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/alaya generate --prompt-file examples/data/gpl-3.0.txt \
-	  --question "Question: according to this license, what must you do when you convey the object code of a covered work? Answer briefly." \
-	  --max-new-tokens 96
+	$(BIN)/python examples/long_document_qa.py
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -15,6 +15,11 @@ from alaya_jax.methods import DIPR, Full, Quest, SparseMethod, Streaming, TopK
 from alaya_jax.attention import IndexConfig, KVStore, Plan, build_store, sparse_attention
 from alaya_jax.dipr import dipr_reference
 
+# The database
+from alaya_jax.db import DB, Session, SessionIndex
+from alaya_jax.errors import CheckpointError, CheckpointFormatError, ModelMismatchError
+from alaya_jax.errors import PoolFullError, SessionError, SessionNotFoundError
+
 # Generation
 from alaya_jax.generate import FullAttention, GenerationResult, Sampling, decode, generate, prefill
 

@@ -12,12 +12,19 @@ and optional indexes over it; the plan says how to answer:
 Every path is pure and jittable with the plan static (`sparse_attention_jit`). Stats report,
 per call: keys attended per query head, keys read and rows scored per kv head, groups kept
 and needed, the threshold, and whether a static capacity truncated anything.
+
+`Plan.dipr(beta, index="cluster")` is exact DIPR over what it reads (threshold = max of
+everything read - beta). For the closest output to full attention at a given read budget
+(benchmarks/results/dipr_quality.json, SmolLM2 at 7.6K tokens) use
+`Plan.dipr(beta, index="cluster", attend_read=True, remainder=True, remainder_var=0.5,
+probe=8)`: attend every key read, estimate the unread clusters, and always read the 8 best
+clusters of each query head (a floor under DIPR's max-relative rule), with the index's delta
+calibrated by `calibrate_delta` on prefill queries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -26,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax.dipr import (MASK_VALUE, AttentionOut, always_kept, check_decode_shapes, dipr_mask,
+from alaya_jax.dipr import (MASK_VALUE, always_kept, check_decode_shapes, dipr_mask,
                             masked_attention, merge_attention, normalize, positions_mask,
                             scaled_scores)
 from alaya_jax.errors import ConfigError, PlanError, ShapeError
 from alaya_jax.index.block import (BlockConfig, BlockIndex, append_block_index, build_block_index,
                                    page_upper_bounds)
-from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex, Selection, _valid_slots,
+from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex, valid_slots,
                                      build_cluster_index, centroid_scores, fold_tail,
                                      gather_blocks, gathered_attention, gathered_scores, kept_mask,
                                      remainder_estimate, select_blocks)
@@ -131,9 +138,13 @@ class Plan:
 
     def describe(self) -> str:
         if self.kind == "dipr":
-            extra = f", delta={self.delta}" if self.delta is not None else ""
+            extra = f", delta={self.delta:g}" if self.delta is not None else ""
+            extra += f", capacity={self.capacity}" if self.capacity is not None else ""
+            extra += f", mass_eps={self.mass_eps:g}" if self.mass_eps else ""
             extra += ", +remainder" if self.remainder else ""
-            return f"dipr(beta={self.beta}, index={self.index}{extra})"
+            extra += f"(var {self.remainder_var:g})" if self.remainder and self.remainder_var else ""
+            extra += ", attend_read" if self.attend_read else ""
+            return f"dipr(beta={self.beta:g}, index={self.index}{extra})"
         if self.kind == "topk":
             return f"topk(k={self.k})"
         if self.kind == "quest":
@@ -616,7 +627,7 @@ def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float
     if probe > 0:
         pid = jax.lax.top_k(est, min(probe, N))[1].reshape(B, K, -1).astype(jnp.int32)
         ps = gathered_scores(q, idx.keys, pid)
-        pv = jnp.repeat(_valid_slots(idx.block_len, pid, jnp.full((B, K), pid.shape[-1]), P), G, 1)
+        pv = jnp.repeat(valid_slots(idx.block_len, pid, jnp.full((B, K), pid.shape[-1]), P), G, 1)
         probe_max = jnp.max(jnp.where(pv, ps, MASK_VALUE), axis=(-2, -1))
         forced = _scatter_mask(B, K, N, pid, jnp.ones(pid.shape, bool))
     m_prime = jnp.maximum(exact_max, probe_max)

@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print the model's architecture, size and memory use")
     model_args(i)
     i.set_defaults(fn=cmd_info)
+
+    from alaya_jax.eval.cli import add_eval_parser  # `alaya eval` and `alaya eval-ppl`
+
+    add_eval_parser(sub)
     return p
 
 

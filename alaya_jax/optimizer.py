@@ -97,14 +97,17 @@ def _key(b: float, table: dict) -> str:
 
 
 def default_table() -> CostTable:
-    """The table of the current default backend's device kind, else the CPU one."""
+    """The table of the default backend's device kind; else the nearest measured one (any
+    NVIDIA GPU: nvidia_h200); else the CPU one."""
     import jax
     dev = jax.devices()[0]
     kind = "cpu" if dev.platform == "cpu" else dev.device_kind.lower().replace(" ", "_")
-    try:
-        return CostTable.load(kind)
-    except ConfigError:
-        return CostTable.load("cpu")
+    for name in (kind, "nvidia_h200" if dev.platform == "gpu" else "cpu", "cpu"):
+        try:
+            return CostTable.load(name)
+        except ConfigError:
+            continue
+    raise ConfigError("no cost table found, not even cpu.json")
 
 
 @dataclasses.dataclass(frozen=True)

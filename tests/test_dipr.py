@@ -13,7 +13,7 @@ from alaya_jax.errors import ShapeError
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
-dipr_jit = jax.jit(dipr_reference, static_argnames=("beta", "sink", "window"))
+dipr_jit = jax.jit(dipr_reference)  # beta, sink, window traced: one compile per shape
 
 
 def _hand_kv(first_channel, D=4):
@@ -74,7 +74,7 @@ def test_hand_made_gqa_group():
 
 def test_lengths_mask_padding_and_window_is_relative_to_length():
     k, v = _hand_kv([0, 5, 3, 4.5, 1, 100, 100])  # positions 5, 6 are padding (length 5)
-    res = dipr_reference(Q2, k, v, beta=0.5, sink=0, window=1, lengths=jnp.asarray([5]))
+    res = dipr_jit(Q2, k, v, beta=0.5, sink=0, window=1, lengths=jnp.asarray([5]))
     assert np.nonzero(np.asarray(res.kept[0, 0]))[0].tolist() == [1, 3, 4]
 
 
@@ -121,8 +121,8 @@ def test_beta_inf_is_full_attention(dtype):
     k = jnp.asarray(rng.normal(size=(2, 33, 2, 16)), dtype)
     v = jnp.asarray(rng.normal(size=(2, 33, 2, 16)), dtype)
     lengths = jnp.asarray([33, 7])
-    res = dipr_reference(q, k, v, beta=float("inf"), lengths=lengths)
-    full = full_attention(q, k, v, lengths)
+    res = dipr_jit(q, k, v, beta=float("inf"), lengths=lengths)
+    full = jax.jit(full_attention)(q, k, v, lengths)
     assert res.o.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(res.o), np.asarray(full.o), atol=TOL[dtype])
     assert np.asarray(res.kept).sum(-1).tolist() == [[33] * 4, [7] * 4]
@@ -130,7 +130,7 @@ def test_beta_inf_is_full_attention(dtype):
 
 def test_empty_sequence_returns_zero():
     k, v = _hand_kv([1.0, 2.0, 3.0])
-    res = dipr_reference(Q2, k, v, beta=1.0, sink=1, window=1, lengths=jnp.asarray([0]))
+    res = dipr_jit(Q2, k, v, beta=1.0, sink=1, window=1, lengths=jnp.asarray([0]))
     assert not np.asarray(res.kept).any()
     np.testing.assert_array_equal(np.asarray(res.o), 0.0)
     assert np.isfinite(np.asarray(res.o)).all() and float(res.lse[0, 0]) == np.float32(MASK_VALUE)
@@ -141,11 +141,12 @@ def test_merge_is_attention_over_the_union():
     q = jnp.asarray(rng.normal(size=(1, 2, 8)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, 20, 1, 8)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(1, 20, 1, 8)), jnp.float32)
-    a = full_attention(q, k[:, :12], v[:, :12])
-    b = full_attention(q, k[:, 12:], v[:, 12:])
+    full_jit = jax.jit(full_attention)
+    a = full_jit(q, k[:, :12], v[:, :12])
+    b = full_jit(q, k[:, 12:], v[:, 12:])
     empty = AttentionOut(jnp.zeros_like(a.o), jnp.full_like(a.lse, MASK_VALUE))
-    merged = merge_attention(a, empty, b)
-    full = full_attention(q, k, v)
+    merged = jax.jit(merge_attention)(a, empty, b)
+    full = full_jit(q, k, v)
     np.testing.assert_allclose(np.asarray(merged.o), np.asarray(full.o), atol=1e-5)
     np.testing.assert_allclose(np.asarray(merged.lse), np.asarray(full.lse), atol=1e-5)
 

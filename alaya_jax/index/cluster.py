@@ -39,7 +39,6 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from alaya_jax.dipr import MASK_VALUE, AttentionOut, normalize
 from alaya_jax.errors import ConfigError, ShapeError
@@ -417,7 +416,8 @@ def gathered_scores(q, keys, kept):
     return s.reshape(B, H, kept.shape[-1], keys.shape[3])
 
 
-def _valid_slots(block_len, kept, kept_count, P):
+def valid_slots(block_len, kept, kept_count, P):
+    """[B,K,cap,P] bool: the slot holds a member of a live kept block."""
     blen = jnp.take_along_axis(block_len, kept, axis=-1)  # [B,K,cap]
     live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
     return live[..., None] & (jnp.arange(P)[None, None, None, :] < blen[..., None])  # [B,K,cap,P]
@@ -440,7 +440,7 @@ def gathered_attention(q, keys, values, block_len, kept, kept_count, threshold):
     G = H // K
     cap = kept.shape[-1]
     s = gathered_scores(q, keys, kept)  # [B,H,cap,P]
-    valid = _valid_slots(block_len, kept, kept_count, P)  # [B,K,cap,P]
+    valid = valid_slots(block_len, kept, kept_count, P)  # [B,K,cap,P]
     mask = jnp.repeat(valid, G, axis=1) & (s >= threshold[:, :, None, None])
     return _attend(s.reshape(B, H, cap * P), mask.reshape(B, H, cap * P),
                    gather_blocks(values, kept).reshape(B, K, cap * P, D))
@@ -522,13 +522,3 @@ def kept_mask(kept, kept_count, N):
     live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
     scatter = lambda ids, lv: jnp.zeros((N,), bool).at[ids].max(lv)
     return jax.vmap(jax.vmap(scatter))(kept, live)
-
-
-def index_layout_check(index: ClusterIndex) -> dict:
-    """Host-side invariants (for tests and debugging): every key position appears once."""
-    pos = np.asarray(index.positions)
-    blen = np.asarray(index.block_len)
-    P = pos.shape[-1]
-    occupied = pos >= 0
-    prefix = np.arange(P) < blen[..., None]
-    return {"occupied_is_prefix": bool((occupied == prefix).all())}

@@ -1,0 +1,417 @@
+"""DIPR quality on real keys: keys read vs recall of the flat DIPR set and output error.
+
+Run (CPU is enough; ~15-30 min for every layer on 2 cores):
+
+    python benchmarks/dipr_quality.py                      # all layers, JSON + PNG
+    python benchmarks/dipr_quality.py --layers 1 10 20 29  # the layers of DESIGN.md's table
+
+Queries: teacher forcing. SmolLM2-135M-Instruct reads examples/data/gpl-3.0.txt (GPL-3, ~7.6K
+tokens); the indexes are built after a prefill of the first T0 = T - n_decode tokens (the
+index covers [sink, T0 - window), the rest is the exact tail), and the q of the last
+n_decode positions are the decode queries, each attending to every key up to its own position
+(the tail grows by one token per step, exactly as in decoding). The margin delta is calibrated
+per layer from the q of the last `calib` prefill positions (disjoint from the decode queries).
+
+Per layer, per method: keys read (rows scored + keys read from memory, per kv head, as a
+fraction of the context), keys attended (per query head), recall of the flat DIPR set at the
+same beta, attention mass captured (full-softmax weight of the attended keys) and the relative
+L2 error of the attention output against full attention (mean over query heads and steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from alaya_jax.attention import IndexConfig, Plan, build_store, calibrate_delta, sparse_attention
+from alaya_jax.dipr import full_attention, scaled_scores
+from alaya_jax.index.block import BlockConfig
+from alaya_jax.index.cluster import ClusterConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "examples", "data", "gpl-3.0.txt")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def capture(layers, cache_path=None):
+    """{layer: (q [T,H,D], k [T,K,D], v [T,K,D])} from the model (or a saved .npz)."""
+    if cache_path and os.path.exists(cache_path):
+        z = np.load(cache_path)
+        return {l: (z[f"q{l}"], z[f"k{l}"], z[f"v{l}"]) for l in layers}, int(z["ids"].shape[0])
+    import alaya_jax
+    from alaya_jax.model import capture_qkv
+    model, tok = alaya_jax.load_model()
+    ids = tok.encode(open(DOC, encoding="utf-8").read())
+    out = capture_qkv(model, ids, layers)
+    if cache_path:
+        np.savez(cache_path, ids=np.asarray(ids),
+                 **{f"{n}{l}": a for l, t in out.items() for n, a in zip("qkv", t)})
+    return out, len(ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str  # family: flat, cluster, cluster+rem, cluster-fixed, topk, quest, block
+    plan: Plan
+    cluster: ClusterConfig | None = None
+    calibrate: bool = False  # calibrate delta for plan.beta on the prefill queries
+    target_recall: float = 0.99
+    query_aware: bool = True  # k-means in the metric of the prefill queries
+
+
+def _make_runner(plan):
+    @jax.jit
+    def run(q, lengths, store):  # q [T,H,D], lengths [T]
+        def one(qt, L):
+            st = store.replace(lengths=L[None])
+            o, stats = sparse_attention(qt[None], st, plan)
+            return o[0], stats.keys_read[0], stats.keys_attended[0], stats.attended[0], \
+                stats.truncated[0]
+        return jax.lax.map(lambda a: one(*a), (q, lengths))
+    return run
+
+
+_RUNNERS = {}
+
+
+def runner(plan):
+    if plan not in _RUNNERS:
+        _RUNNERS[plan] = _make_runner(plan)
+    return _RUNNERS[plan]
+
+
+@jax.jit
+def _reference(q, k, v, lengths):
+    """Full attention outputs and probabilities for each decode query.  q [T,H,D], k [1,S,K,D]."""
+    def one(qt, L):
+        Lb = L[None]
+        s = scaled_scores(qt[None], k)[0]  # [H,S]
+        valid = jnp.arange(k.shape[1]) < L
+        p = jax.nn.softmax(jnp.where(valid[None], s, -1e30), axis=-1) * valid[None]
+        o = full_attention(qt[None], k, v, Lb).o[0]
+        return o, p, s
+    return jax.lax.map(lambda a: one(*a), (q, lengths))
+
+
+def evaluate_layer(q, k, v, methods, n_decode, calib, sink, window, metric_queries=256):
+    """Rows of metrics for one layer.  q [T,H,D], k, v [T,K,D] (f32 numpy)."""
+    T, H, D = q.shape
+    K = k.shape[1]
+    T0 = T - n_decode
+    kk, vv = jnp.asarray(k)[None], jnp.asarray(v)[None]
+    q_dec = jnp.asarray(q[T0:])
+    lengths = jnp.arange(T0 + 1, T + 1, dtype=jnp.int32)  # query at position p sees [0, p]
+    o_full, p_full, s_full = _reference(q_dec, kk, vv, lengths)
+    o_full, p_full = np.asarray(o_full), np.asarray(p_full)
+    s_full = np.asarray(s_full)
+    ctx = np.asarray(lengths, np.float64)  # [T]
+    valid = np.arange(T)[None, :] < ctx[:, None]
+    dipr_sets = {}
+    pos_ = np.arange(T)[None, None, :]
+    always = valid[:, None] & ((pos_ < sink) | (pos_ >= ctx[:, None, None] - window))  # [T,1,S]
+
+    def flat_set(beta):
+        if beta not in dipr_sets:
+            m = np.max(np.where(valid[:, None], s_full, -np.inf), axis=-1, keepdims=True)
+            keep = valid[:, None] & (s_full >= m - beta)
+            pos = np.arange(T)[None, None, :]
+            keep |= valid[:, None] & ((pos < sink) | (pos >= ctx[:, None, None] - window))
+            dipr_sets[beta] = keep
+        return dipr_sets[beta]
+
+    stores = {}
+
+    q_metric = jnp.asarray(q[T0 - metric_queries:T0])[None] if metric_queries else None
+
+    def store_for(cfg, query_aware):
+        if (cfg, query_aware) not in stores:
+            t0 = time.perf_counter()
+            st = build_store(kk, vv, jnp.asarray([T0], jnp.int32),
+                             IndexConfig(cluster=cfg, block=BlockConfig(32)), n_heads=H,
+                             queries=q_metric if query_aware else None)
+            jax.block_until_ready(st)
+            stores[cfg, query_aware] = (st, time.perf_counter() - t0)
+        return stores[cfg, query_aware]
+
+    q_cal = jnp.asarray(q[T0 - calib:T0])[:, None]  # [calib, 1, H, D]
+    cal_len = jnp.arange(T0 - calib + 1, T0 + 1, dtype=jnp.int32)
+    rows = []
+    norm_full = np.linalg.norm(o_full, axis=-1)  # [T,H]
+    for m in tqdm(methods, desc="methods", leave=False):
+        cfg = m.cluster or ClusterConfig(sink=sink, window=window)
+        st, build_s = store_for(cfg, m.query_aware and metric_queries > 0)
+        plan = dataclasses.replace(m.plan, return_mask=True)
+        delta_used = None
+        if m.calibrate:
+            d = calibrate_delta(st, [q_cal[i] for i in range(calib)], plan.beta,
+                                m.target_recall, plan.probe, plan.rank_std,
+                                lengths=[cal_len[i:i + 1] for i in range(calib)])
+            st = st.replace(cluster=st.cluster.replace(delta=d))
+            delta_used = float(np.asarray(d).mean())
+        o, keys_read, keys_att, attended, trunc = runner(plan)(q_dec, lengths, st)
+        o, attended = np.asarray(o), np.asarray(attended)
+        err = np.linalg.norm(o - o_full, axis=-1) / np.maximum(norm_full, 1e-9)  # [T,H]
+        mass = np.sum(p_full * attended, axis=-1)  # [T,H]
+        ref_set = flat_set(plan.beta if np.isfinite(plan.beta) else 4.0)
+        recall = (attended & ref_set).sum(-1) / np.maximum(ref_set.sum(-1), 1)
+        mid = ref_set & ~always
+        recall_mid = np.where(mid.sum(-1) > 0,
+                              (attended & mid).sum(-1) / np.maximum(mid.sum(-1), 1), 1.0)
+        rows.append(dict(
+            method=m.name, plan=plan.describe(), beta=plan.beta,
+            cluster_size=(cfg.cluster_size if plan.index == "cluster" else None),
+            capacity=plan.capacity, k=plan.k, pages=plan.pages, delta=delta_used,
+            keys_read=float(np.mean(np.asarray(keys_read) / ctx[:, None])),
+            keys_attended=float(np.mean(np.asarray(keys_att) / ctx[:, None])),
+            recall=float(recall.mean()), recall_min=float(recall.min()),
+            recall_middle=float(recall_mid.mean()),
+            mass=float(mass.mean()), error=float(err.mean()), error_p90=float(np.quantile(err, 0.9)),
+            truncated=int(np.asarray(trunc).sum()), build_s=build_s))
+    return rows
+
+
+def methods_for(args):
+    sink, window = args.sink, args.window
+    base = dict(sink=sink, window=window)
+    T = args.context
+    ms = [Method("flat", Plan.dipr(beta, index="flat", **base)) for beta in args.betas]
+    for frac in args.budgets:
+        ms.append(Method("topk", Plan.topk(max(1, int(frac * T)), **base)))
+        ms.append(Method("quest", Plan.quest(max(1, int(frac * T / 32)), **base)))
+    ms += [Method("block-dipr", Plan.dipr(beta, index="block", **base)) for beta in args.betas_block]
+
+    def cfg_of(cs):
+        return ClusterConfig(cluster_size=cs, block_size=2 * cs, sink=sink, window=window,
+                             iters=args.iters, metric=args.metric)
+
+    read = dict(probe=args.probe, attend_read=True, **base)
+    main = cfg_of(args.main_cluster_size)
+    for beta in args.betas:  # the main configuration, every variant
+        ms.append(Method("cluster-dipr", Plan.dipr(beta, index="cluster", probe=args.probe, **base),
+                         main, True))
+        ms.append(Method("cluster", Plan.dipr(beta, index="cluster", **read), main, True))
+        ms.append(Method("cluster+rem", Plan.dipr(beta, index="cluster", remainder=True, **read),
+                         main, True))
+        ms.append(Method("cluster+rem+var", Plan.dipr(beta, index="cluster", remainder=True,
+                                                      remainder_var=0.5, **read), main, True))
+        # DIPR's rule plus a floor: the `floor` best clusters of every query head are always read
+        ms.append(Method("cluster+rem+var+floor", Plan.dipr(
+            beta, index="cluster", remainder=True, remainder_var=0.5, attend_read=True,
+            probe=args.floor, **base), main, True))
+    for beta in args.betas_mass:
+        ms.append(Method("cluster+rem+var+mass", Plan.dipr(
+            beta, index="cluster", remainder=True, remainder_var=0.5, mass_eps=args.mass_eps,
+            **read), main, True))
+    for frac in args.budgets:  # fixed budget: the same number of top clusters every step
+        cap = max(1, int(round(frac * T / args.main_cluster_size)))
+        ms.append(Method("cluster-fixed+rem+var", Plan.dipr(
+            4.0, index="cluster", remainder=True, remainder_var=0.5, delta=1e4, capacity=cap,
+            **read), main))
+    for cs in args.cluster_sizes:
+        if cs == args.main_cluster_size:
+            continue
+        for beta in args.betas_sizes:
+            ms.append(Method("cluster+rem+var", Plan.dipr(beta, index="cluster", remainder=True,
+                                                          remainder_var=0.5, **read),
+                             cfg_of(cs), True))
+    return ms
+
+
+def _interp(points, x):
+    """Linear interpolation of y at x over (x, y) points sorted by x; None outside."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-12)
+    return None
+
+
+def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
+    """The issue's goals, checked on the layer means."""
+    out = {}
+    main = [r for r in summary if r["method"].startswith("cluster") and r["keys_read"] <= max_read
+            and r["recall"] >= min_recall]
+    best = min(main, key=lambda r: r["error"], default=None)
+    out["best_cluster_at_max_read"] = best and {k: best[k] for k in (
+        "method", "plan", "cluster_size", "keys_read", "recall", "recall_middle", "error")}
+    out["goal_error_at_12pct_read_met"] = bool(best and best["error"] <= max_error)
+    quest = [(r["keys_read"], r["error"]) for r in summary if r["method"] == "quest"]
+    comp = []
+    for r in summary:
+        if r["method"] in ("cluster+rem+var", "cluster+rem") and r["cluster_size"] == 32:
+            qe = _interp(quest, r["keys_read"])
+            if qe is not None:
+                comp.append(dict(plan=r["plan"], method=r["method"], keys_read=r["keys_read"],
+                                 error=r["error"], quest_error=qe, ratio=r["error"] / qe))
+    out["vs_quest_at_equal_read"] = comp
+    fixed = [(r["keys_read"], r["error"]) for r in summary if r["method"] == "cluster-fixed+rem+var"]
+    dyn = []
+    fixed_recall = [(r["keys_read"], r["recall"]) for r in summary
+                    if r["method"] == "cluster-fixed+rem+var"]
+    for r in summary:
+        if r["method"] in ("cluster+rem+var", "cluster+rem+var+floor") and r["cluster_size"] == 32:
+            fe = _interp(fixed, r["keys_read"])
+            if fe is not None:
+                dyn.append(dict(method=r["method"], plan=r["plan"], keys_read=r["keys_read"],
+                                error=r["error"], fixed_budget_error=fe, recall=r["recall"],
+                                fixed_budget_recall=_interp(fixed_recall, r["keys_read"])))
+    out["dynamic_vs_fixed_at_equal_read"] = dyn
+    return out
+
+
+def summarize(rows):
+    """Mean over layers per (method, plan, cluster_size)."""
+    groups = {}
+    for r in rows:
+        key = (r["method"], r["plan"], r["cluster_size"], r["capacity"], r["k"], r["pages"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (method, plan, cs, *_), rs in groups.items():
+        agg = {k: float(np.mean([r[k] for r in rs])) for k in
+               ("keys_read", "keys_attended", "recall", "recall_middle", "mass", "error",
+                "error_p90")}
+        agg.update(method=method, plan=plan, cluster_size=cs, beta=rs[0]["beta"],
+                   capacity=rs[0]["capacity"], k=rs[0]["k"], pages=rs[0]["pages"],
+                   recall_min=float(min(r["recall_min"] for r in rs)),
+                   truncated=int(sum(r["truncated"] for r in rs)))
+        out.append(agg)
+    return out
+
+
+def plot(summary, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fams = sorted({(r["method"], r["cluster_size"]) for r in summary}, key=str)
+    colors = plt.get_cmap("tab20").colors
+    for i, fam in enumerate(fams):
+        style = dict(color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                     ls="--" if fam[0] in ("topk", "quest") else "-")
+        rs = sorted([r for r in summary if (r["method"], r["cluster_size"]) == fam],
+                    key=lambda r: r["keys_read"])
+        label = fam[0] + (f" /{fam[1]}" if fam[1] else "")
+        if fam[0] in ("flat", "block-dipr"):
+            continue  # read every key (off the chart)
+        if fam[0] == "topk":  # the ceiling: plotted at keys attended (it reads every score)
+            label += " (x = attended)"
+            rs = sorted(rs, key=lambda r: r["keys_attended"])
+            x = [100 * r["keys_attended"] for r in rs]
+        else:
+            x = [100 * r["keys_read"] for r in rs]
+        axes[0].plot(x, [100 * r["error"] for r in rs], marker="o", ms=3, label=label, **style)
+        axes[1].plot(x, [r["recall"] for r in rs], marker="o", ms=3, label=label, **style)
+    axes[0].set(xlabel="keys read (% of context)", ylabel="relative error of o (%)",
+                yscale="log", title="output error vs keys read")
+    axes[1].set(xlabel="keys read (% of context)", ylabel="recall of the flat DIPR set",
+                title="recall vs keys read")
+    for ax in axes:
+        ax.set_xlim(0, 40)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1.5, color="k", lw=0.5, ls="--")
+    axes[0].axvline(12, color="k", lw=0.5, ls="--")
+    axes[1].axhline(0.99, color="k", lw=0.5, ls="--")
+    axes[1].set_ylim(0.85, 1.002)
+    axes[1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.suptitle("SmolLM2-135M, 7.6K tokens of GPL-3 text, layers 1/10/20/29, teacher-forced "
+                 "decode; keys read = rows scored + keys read", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, nargs="*", default=[1, 10, 20, 29],
+                    help="layers to measure (DESIGN.md's table: 1 10 20 29)")
+    ap.add_argument("--betas", type=float, nargs="*", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    ap.add_argument("--betas-block", type=float, nargs="*", default=[2, 4, 8])
+    ap.add_argument("--cluster-sizes", type=int, nargs="*", default=[16, 32, 64],
+                    help="mean keys per cluster (blocks hold 2x that)")
+    ap.add_argument("--main-cluster-size", type=int, default=32)
+    ap.add_argument("--betas-sizes", type=float, nargs="*", default=[2, 4, 6, 8],
+                    help="betas for the cluster sizes other than the main one")
+    ap.add_argument("--betas-mass", type=float, nargs="*", default=[2, 4, 6])
+    ap.add_argument("--mass-eps", type=float, default=0.02)
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.15, 0.2],
+                    help="fixed budgets (fraction of context) for top-k, Quest, fixed clusters")
+    ap.add_argument("--n-decode", type=int, default=64, help="teacher-forced decode queries")
+    ap.add_argument("--calib", type=int, default=64, help="prefill queries for the delta")
+    ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--probe", type=int, default=2)
+    ap.add_argument("--floor", type=int, default=8,
+                    help="clusters per query head always read (probed) in the +floor variant")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="measure only these method families (e.g. cluster+rem+var+floor)")
+    ap.add_argument("--merge-into", default=None,
+                    help="add the rows to this result JSON (replacing same-family rows), "
+                         "recompute its summary, goals and plot")
+    ap.add_argument("--iters", type=int, default=8, help="k-means iterations")
+    ap.add_argument("--metric", default="l2", choices=["l2", "cosine"])
+    ap.add_argument("--metric-queries", type=int, default=256,
+                    help="prefill queries for the query-aware k-means metric (0: plain L2)")
+    ap.add_argument("--qkv-cache", default=None, help="npz of captured q/k/v (reused if present)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "dipr_quality"))
+    args = ap.parse_args(argv)
+    print(f"jax {jax.__version__} devices {jax.devices()} python {platform.python_version()}")
+    layers = args.layers
+    if layers is None:
+        layers = list(range(30))  # SmolLM2-135M
+    t0 = time.time()
+    qkv, T = capture(tuple(layers), args.qkv_cache)
+    print(f"captured {len(layers)} layers of {T} tokens in {time.time() - t0:.0f}s")
+    args.context = T
+    methods = methods_for(args)
+    if args.only:
+        methods = [m for m in methods if m.name in args.only]
+    rows = []
+    for l in tqdm(layers, desc="layers"):
+        q, k, v = qkv[l]
+        for r in evaluate_layer(q, k, v, methods, args.n_decode, args.calib, args.sink,
+                                args.window, args.metric_queries):
+            r["layer"] = l
+            rows.append(r)
+    if args.merge_into:
+        with open(args.merge_into) as f:
+            prev = json.load(f)
+        fams = {r["method"] for r in rows}
+        rows = [r for r in prev["per_layer"] if r["method"] not in fams] + rows
+        args.out = args.merge_into[:-5]
+        prev_cmd = prev["command"]
+    summary = summarize(rows)
+    for r in sorted(summary, key=lambda r: (r["method"], str(r["cluster_size"]), r["keys_read"])):
+        print(f"{r['method']:18s} {str(r['cluster_size']):4s} {r['plan']:55s} read "
+              f"{100 * r['keys_read']:5.1f}% att {100 * r['keys_attended']:5.1f}% recall "
+              f"{r['recall']:.3f} mass {r['mass']:.3f} err {100 * r['error']:5.2f}%")
+    result = dict(
+        command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])) + (
+            f" (merged into the run of: {prev_cmd})" if args.merge_into else ""),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        jax=jax.__version__, device=str(jax.devices()[0]), model="SmolLM2-135M-Instruct Q4_1",
+        document="examples/data/gpl-3.0.txt", tokens=T, layers=layers,
+        queries=f"teacher forcing: the last {args.n_decode} positions, index built at "
+                f"T0 = {T - args.n_decode}; delta calibrated on the {args.calib} prefill "
+                f"positions before T0",
+        sink=args.sink, window=args.window, goals=goals(summary), summary=summary,
+        per_layer=rows)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot(summary, args.out + ".png")
+    print(json.dumps(result["goals"], indent=1))
+    print(f"wrote {args.out}.json and .png in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

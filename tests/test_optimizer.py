@@ -1,0 +1,68 @@
+"""The query optimizer: plan choice from the cost model, explain(), forcing a plan, tables."""
+
+import glob
+import os
+
+import pytest
+
+from alaya_jax.attention import Plan
+from alaya_jax.errors import ConfigError
+from alaya_jax.optimizer import TABLE_DIR, CostTable, QueryShape, choose_plan, estimate
+
+TABLE = CostTable(
+    device_kind="test", overhead_us={"flat": 5.0, "block": 30.0, "cluster": 40.0},
+    bandwidth_gbs={"flat": 1000.0, "block": 400.0, "cluster": 400.0},
+    read_fraction={"cluster": {"2": 0.04, "4": 0.08, "8": 0.3},
+                   "block": {"2": 0.9, "4": 1.0, "8": 1.0}})
+
+
+def test_short_context_picks_flat_long_picks_cluster():
+    short = choose_plan(QueryShape(context=2048, heads=32, kv_heads=8, head_dim=128), 4.0,
+                        ("flat", "block", "cluster"), TABLE)
+    assert short.path == "flat" and short.plan.index == "flat"
+    long = choose_plan(QueryShape(context=1 << 20, heads=32, kv_heads=8, head_dim=128), 4.0,
+                       ("flat", "block", "cluster"), TABLE)
+    assert long.path == "cluster" and long.plan == Plan.dipr(4.0, index="cluster")
+    text = long.explain()
+    assert "-> cluster" in text and "flat" in text and "faster than" in text
+
+
+def test_large_beta_reads_too_much_for_the_cluster_path():
+    shape = QueryShape(context=64 * 1024)
+    times8, _ = estimate(shape, 8.0, TABLE)
+    times2, _ = estimate(shape, 2.0, TABLE)
+    assert times8["cluster"] > times2["cluster"]
+    assert choose_plan(shape, float("inf"), ("flat", "cluster"), TABLE).path == "flat"
+
+
+def test_only_available_indexes_and_forcing():
+    shape = QueryShape(context=1 << 20)
+    assert choose_plan(shape, 4.0, ("flat",), TABLE).path == "flat"
+    forced = choose_plan(shape, 4.0, ("flat", "cluster"), TABLE, force=Plan.quest(8))
+    assert forced.path == "forced" and forced.plan == Plan.quest(8)
+    assert "forced" in forced.explain()
+    with pytest.raises(ConfigError, match="unknown index"):
+        choose_plan(shape, 4.0, ("hnsw",), TABLE)
+
+
+def test_batch_scales_bytes():
+    _, b1 = estimate(QueryShape(context=8192, batch=1), 4.0, TABLE)
+    _, b4 = estimate(QueryShape(context=8192, batch=4), 4.0, TABLE)
+    assert b4["cluster"] == pytest.approx(4 * b1["cluster"])
+
+
+def test_committed_tables_load():
+    paths = glob.glob(os.path.join(TABLE_DIR, "*.json"))
+    assert any(p.endswith("cpu.json") for p in paths)
+    for p in paths:
+        t = CostTable.load(path=p)
+        assert set(t.overhead_us) == {"flat", "block", "cluster"}
+        assert all(v > 0 for v in t.bandwidth_gbs.values())
+        assert 0 < t.fraction("cluster", 4.0) <= 1
+    with pytest.raises(ConfigError, match="no cost table"):
+        CostTable.load("tpu_v9")
+
+
+def test_query_shape_validation():
+    with pytest.raises(ConfigError, match="multiple"):
+        QueryShape(context=10, heads=6, kv_heads=4)
