@@ -39,6 +39,7 @@ from alaya_jax.dipr import (MASK_VALUE, always_kept, check_decode_shapes, dipr_m
 from alaya_jax.errors import ConfigError, PlanError, ShapeError
 from alaya_jax.index.block import (BlockConfig, BlockIndex, append_block_index, build_block_index,
                                    page_upper_bounds)
+from alaya_jax.index.cluster import attend_masked as _attend
 from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex, valid_slots,
                                      build_cluster_index, centroid_scores, fold_tail,
                                      gather_blocks, gathered_attention, gathered_scores, kept_mask,
@@ -301,18 +302,6 @@ def _exact_region(q, store: KVStore, sink: int, tail_start, tail_size: int, leng
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
     s = jnp.einsum("bkgd,bkmd->bkgm", qg, kk.astype(jnp.float32)) / math.sqrt(D)
     return _Exact(s.reshape(B, H, -1), pos, valid, vv)
-
-
-def _attend(s, mask, gv):
-    """s, mask [B,H,M], gv [B,K,M,D] -> AttentionOut (f32)."""
-    B, H, M = s.shape
-    K, D = gv.shape[1], gv.shape[3]
-    s = jnp.where(mask, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    l = jnp.sum(p, axis=-1)
-    acc = jnp.einsum("bkgm,bkmd->bkgd", p.reshape(B, K, H // K, M), gv.astype(jnp.float32))
-    return normalize(acc.reshape(B, H, D), l, m)
 
 
 def _masked_max(s, mask):

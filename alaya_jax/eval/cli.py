@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+
+from alaya_jax.cli import _load  # one model loader (and its log line) for every subcommand
 
 DEFAULT_METHODS = "full,streaming,topk:64,topk:256,quest:8,dipr:4,dipr:8,dipr-flat:8"
 DEFAULT_PPL_METHODS = "full,dipr-flat:4,dipr-flat:8,dipr:4,dipr:8,dipr:12,topk:64,topk:256,quest:8"
@@ -19,18 +20,6 @@ DEFAULT_PPL_METHODS = "full,dipr-flat:4,dipr-flat:8,dipr:4,dipr:8,dipr:12,topk:6
 
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _load(args):
-    import numpy as np
-
-    import alaya_jax as aj
-
-    t = time.perf_counter()
-    model, tok = aj.load_model(args.model, dtype=args.dtype)
-    print(f"[alaya] loaded {model.cfg.name} ({model.cfg.param_count() / 1e6:.1f}M params, "
-          f"{np.dtype(model.dtype).name}) in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-    return model, tok
 
 
 def _compile_cache(args):

@@ -442,11 +442,11 @@ def gathered_attention(q, keys, values, block_len, kept, kept_count, threshold):
     s = gathered_scores(q, keys, kept)  # [B,H,cap,P]
     valid = valid_slots(block_len, kept, kept_count, P)  # [B,K,cap,P]
     mask = jnp.repeat(valid, G, axis=1) & (s >= threshold[:, :, None, None])
-    return _attend(s.reshape(B, H, cap * P), mask.reshape(B, H, cap * P),
+    return attend_masked(s.reshape(B, H, cap * P), mask.reshape(B, H, cap * P),
                    gather_blocks(values, kept).reshape(B, K, cap * P, D))
 
 
-def _attend(s, mask, gv):
+def attend_masked(s, mask, gv):
     """s, mask [B,H,M], gv [B,K,M,D] -> AttentionOut."""
     B, H, M = s.shape
     K, D = gv.shape[1], gv.shape[3]
