@@ -211,8 +211,8 @@ def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tok
 
 
 # --- the public entry ----------------------------------------------------------------------
-def _as_prompts(tokenizer, prompt_or_messages) -> tuple[list[list[int]], bool]:
-    """str | messages | list of those | token id lists -> (id lists, was_batch)."""
+def _as_prompts(tokenizer, prompt_or_messages) -> list[list[int]]:
+    """str | messages | token ids, or a list of those (a batch) -> one id list per prompt."""
     def one(p):
         if isinstance(p, str):
             return tokenizer.encode(p)
@@ -228,8 +228,8 @@ def _as_prompts(tokenizer, prompt_or_messages) -> tuple[list[list[int]], bool]:
     is_ids = (isinstance(prompt_or_messages, (list, tuple, np.ndarray)) and len(prompt_or_messages)
               and isinstance(prompt_or_messages[0], (int, np.integer)))
     if isinstance(prompt_or_messages, str) or is_messages or is_ids:
-        return [one(prompt_or_messages)], False
-    return [one(p) for p in prompt_or_messages], True
+        return [one(prompt_or_messages)]
+    return [one(p) for p in prompt_or_messages]
 
 
 def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 64, *,
@@ -246,7 +246,7 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
     """
     attention = attention or FullAttention()
     sampling = Sampling(temperature, top_p)
-    prompts, _ = _as_prompts(tokenizer, prompt_or_messages)
+    prompts = _as_prompts(tokenizer, prompt_or_messages)
     if any(len(p) == 0 for p in prompts):
         raise ShapeError("a prompt has no tokens")
     cfg = model.cfg
@@ -265,9 +265,9 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     C = min(prefill_chunk_size, _round_up(longest, 16))
-    max_len = min(_round_up(max(math.ceil(longest / C) * C, longest + max_new_tokens), 256),
-                  _round_up(cfg.max_seq_len, 256))
-    max_len = max(max_len, math.ceil(longest / C) * C)
+    padded = math.ceil(longest / C) * C  # the prefill writes whole chunks
+    max_len = max(min(_round_up(max(padded, longest + max_new_tokens), 256),
+                      _round_up(cfg.max_seq_len, 256)), padded)
     cache = KVCache.zeros(cfg, B, max_len, model.dtype)
 
     t0 = time.perf_counter()

@@ -23,10 +23,6 @@ from alaya_jax.index.block import BlockConfig, append_block_index
 from alaya_jax.index.cluster import ClusterConfig, fold_tail
 
 
-class StepStats(dict):
-    """Per-layer decode statistics summed over steps (host side)."""
-
-
 def _layer_stats(stats, kv_len):
     """The few numbers a decode step reports per layer: [B, H] attended, [B, K] read."""
     return dict(attended=stats.keys_attended.astype(jnp.float32),

@@ -52,9 +52,10 @@ class Tokenizer:
 
     def stop_ids(self) -> set[int]:
         ids = {self.eos_id} if self.eos_id is not None else set()
+        special = self.special_tokens
         for t in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
             i = self._tok.token_to_id(t)
-            if i is not None and t in self.special_tokens:
+            if i is not None and t in special:
                 ids.add(i)
         return ids
 
