@@ -47,6 +47,7 @@ from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex, valid_slots,
 
 _KINDS = ("full", "streaming", "topk", "quest", "dipr")
 _INDEXES = ("flat", "block", "cluster")
+_IMPLS = ("auto", "xla", "pallas")
 
 
 # ----------------------------------------------------------------------------- plans
@@ -77,6 +78,9 @@ class Plan:
       on real keys).
     attend_read: attend every read key, not only those above the DIPR threshold.
     return_mask: add the attended positions [B,H,S] to the stats (for measurement).
+    impl: "auto" (the Mosaic GPU kernels, `alaya_jax.pallas.sparse_decode`, for a cluster DIPR
+      plan they support on a Hopper GPU; jnp otherwise), "xla" (always jnp) or "pallas"
+      (the kernels; NotImplementedError naming what they do not support).
     """
 
     kind: str = "dipr"
@@ -96,8 +100,11 @@ class Plan:
     remainder_var: float = 0.0
     attend_read: bool = False
     return_mask: bool = False
+    impl: str = "auto"
 
     def __post_init__(self):
+        if self.impl not in _IMPLS:
+            raise ConfigError(f"Plan.impl must be one of {_IMPLS}, got {self.impl!r}")
         if self.kind not in _KINDS:
             raise ConfigError(f"Plan.kind must be one of {_KINDS}, got {self.kind!r}")
         if self.index not in _INDEXES:
@@ -565,6 +572,11 @@ def sparse_attention(q, store: KVStore, plan: Plan = Plan()):
         return _dense_path(q, store, plan)
     if plan.kind == "streaming":
         return _streaming_path(q, store, plan)
+    if plan.impl != "xla" and plan.kind == "dipr" and plan.index == "cluster":
+        from alaya_jax.pallas import sparse_decode  # the kernels' path (imports this module)
+        if plan.impl == "pallas" or (sparse_decode.on_sm90()
+                                     and sparse_decode.kernel_supports(q, store, plan) is None):
+            return sparse_decode.sparse_attention_pallas(q, store, plan)
     return _sparse_path(q, store, plan)
 
 

@@ -1,6 +1,7 @@
 """End-to-end decode ms/token with DIPR vs full attention as the context grows (GPU).
 
     python benchmarks/sparse_decode.py                       # Llama-3-8B shapes, 4K/32K/128K
+    python benchmarks/sparse_decode.py --contexts 4096 131072 --profile 131072   # + GPU profile
     python benchmarks/sparse_decode.py --small --contexts 1024 2048   # CPU smoke run
 
 A Llama-3-8B-shaped model with random bf16 weights decodes `--steps` tokens per timing,
@@ -9,6 +10,11 @@ cache holds keys with realistic structure (`alaya_jax.index.synthetic`: topic cl
 outlier channels, hot keys, RoPE), one synthetic layer copied into every layer; the DIPR
 cluster index is built over it before timing (build time reported apart). Reports ms per
 step, the ratio of each context to the smallest, and the fractions of keys attended/read.
+DIPR runs through the jnp path under XLA (`dipr:BETA:CAP:xla`) and through the Mosaic GPU
+kernels (`dipr:BETA:CAP:pallas`, `alaya_jax.pallas.sparse_decode`) side by side.
+`--profile CONTEXT` adds, per DIPR variant at that context, a profiler trace of one decode
+call: GPU kernel time per step (launch gaps excluded) against the wall time, the top kernels,
+and the copies of large arrays in the compiled loop (none should run per step).
 Writes benchmarks/results/sparse_decode_<backend>.{json,png}.
 """
 
@@ -27,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_speed import SMOLLM2, random_model, time_decode  # noqa: E402
+from kernels import kernel_times  # noqa: E402
 
 import alaya_jax as aj  # noqa: E402
 from alaya_jax import methods as M  # noqa: E402
@@ -59,9 +66,11 @@ def parse_method(spec: str):
     if spec == "full":
         return aj.FullAttention()
     name, _, arg = spec.partition(":")
-    if name == "dipr":  # dipr:beta:capacity_fraction
-        beta, _, cap = arg.partition(":")
-        return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None)
+    if name == "dipr":  # dipr:beta[:capacity_fraction[:impl]]
+        beta, _, rest = arg.partition(":")
+        cap, _, impl = rest.partition(":")
+        return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
+                      impl=impl or "auto")
     if name == "quest":
         return M.Quest(int(arg))
     raise SystemExit(f"unknown method {spec!r}")
@@ -70,8 +79,11 @@ def parse_method(spec: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
-    ap.add_argument("--methods", nargs="+", default=["full", "dipr:4:0.05"],
-                    help="full | dipr:BETA:CAPACITY_FRACTION | quest:PAGES")
+    ap.add_argument("--methods", nargs="+",
+                    default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
+                    help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas] | quest:PAGES")
+    ap.add_argument("--profile", type=int, nargs="*", default=[],
+                    help="contexts at which to profile one decode call of each DIPR method")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="SmolLM2 shapes instead of 8B (CPU)")
@@ -105,17 +117,82 @@ def main(argv=None):
             print(f"{spec} @ {ctx}: {s * 1e3:.2f} ms/step "
                   + (f"attended {stats['attended_fraction']:.3f} read {stats['read_fraction']:.3f} "
                      f"truncated {stats['truncated_layer_steps']}" if stats else ""), flush=True)
+    profiles = []
+    for ctx in args.profile:
+        for spec in args.methods:
+            if spec == "full" and len(args.methods) > 1 and backend != "gpu":
+                continue
+            try:
+                prof = profile_decode(model, ctx, args.steps, parse_method(spec))
+            except Exception as e:
+                print(f"profile {spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                continue
+            prof.update(method=spec, context=ctx)
+            profiles.append(prof)
+            print(f"profile {spec} @ {ctx}: wall {prof['wall_ms_per_step']:.2f} ms/step, GPU "
+                  f"kernels {prof['gpu_ms_per_step']:.2f} ms/step, {prof['copies_over_1MB']} "
+                  "large copies in the loop; top kernels (us/step):", flush=True)
+            for name, us in list(prof["kernels_us_per_step"].items())[:12]:
+                print(f"    {us:9.1f}  {name}")
     for spec in args.methods:
         mine = [r for r in rows if r["method"] == spec]
         if mine:
             base = min(mine, key=lambda r: r["context"])["decode_ms"]
             for r in mine:
                 r["ratio_to_smallest_context"] = r["decode_ms"] / base
-    meta = _write(args, rows, cfg)
+    meta = _write(args, rows, cfg, profiles)
     plot(rows, meta, os.path.join(args.out, f"sparse_decode_{jax.default_backend()}.png"))
 
 
-def _write(args, rows, cfg):
+def profile_decode(model, context: int, steps: int, method) -> dict:
+    """One decode call of `steps` steps under the profiler (after a compiling call): wall and
+    GPU-kernel ms per step, kernel us per step by name, and the copies of arrays over 1 MB
+    in the compiled loop (the index and cache must stay in place)."""
+    import re
+
+    from alaya_jax.generate import _decode_loop, init_decode_loop
+
+    cfg = model.cfg
+    max_len = -(-(context + 3 * steps + 1) // 256) * 256
+    abstract = aj.KVCache.abstract(cfg, 1, max_len, model.dtype)
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+    cache = aj.KVCache(k=jax.tree.map(zeros, abstract.k), v=jax.tree.map(zeros, abstract.v),
+                       lengths=jnp.full((1,), context, jnp.int32))
+    cache = structured_fill(context)(cache)
+    static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
+                                           jax.random.PRNGKey(0), attention=method)
+    del cache
+    hlo = _decode_loop.lower(static, state, loop, jnp.int32(steps)).compile().as_text()
+    copies = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (\w+)\[([\d,]*)\][^ ]* copy\(", line)
+        if m:
+            n = int(np.prod([int(x) for x in m.group(2).split(",") if x] or [1]))
+            nbytes = n * {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "pred": 1}.get(m.group(1), 4)
+            if nbytes > 1 << 20:
+                copies.append(line.strip()[:160])
+    run = lambda lp: _decode_loop(static, state, dict(lp, step=jnp.int32(0),
+                                                      done=jnp.zeros((1,), bool)), jnp.int32(steps))
+    loop = run(loop)  # compile + warm up
+    jax.block_until_ready(loop)
+    t = time.perf_counter()
+    loop = run(loop)
+    jax.block_until_ready(loop)
+    wall = (time.perf_counter() - t) / steps
+    holder = {}
+
+    def once(lp):
+        holder["loop"] = run(lp)
+        return holder["loop"]
+
+    per_kernel = kernel_times(once, loop)
+    per_step = {k: v / steps for k, v in per_kernel.items()}
+    return dict(wall_ms_per_step=wall * 1e3, gpu_ms_per_step=sum(per_step.values()) / 1e3,
+                kernels_us_per_step=dict(list(per_step.items())[:40]),
+                copies_over_1MB=len(copies), copies=copies[:20])
+
+
+def _write(args, rows, cfg, profiles=()):
     backend = jax.default_backend()
     meta = dict(device=str(jax.devices()[0].device_kind), backend=backend, jax=jax.__version__,
                 model=cfg.name, steps=args.steps, batch=1, command="python " + " ".join(sys.argv),
@@ -123,7 +200,7 @@ def _write(args, rows, cfg):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sparse_decode_{backend}.json")
     with open(path, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows, profiles=list(profiles)), f, indent=1)
     return meta
 
 

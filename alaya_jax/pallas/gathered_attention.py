@@ -167,6 +167,7 @@ def gathered_attention_reference(
     threshold,    # [B, H] f32
     *,
     remainder=None,  # (numerator [B,H,D], denominator [B,H], max [B,H]) or None
+    with_counts: bool = False,
 ):
   """Pure jnp reference (f32 math); same contract as `gathered_attention`."""
   b, h, d, k, n, p, g, cap = _check_shapes(q, keys, values, block_len, kept, kept_count,
@@ -188,6 +189,8 @@ def gathered_attention_reference(
   num = jnp.einsum("bkgcp,bkcpd->bkgd", e, vg, precision=_HI)
   m = jnp.where(l > 0, m, MASK_VALUE)
   o, lse = merge_remainder(m.reshape(b, h), l.reshape(b, h), num.reshape(b, h, d), remainder)
+  if with_counts:
+    return o, lse, mask.sum(axis=(-2, -1)).astype(jnp.int32).reshape(b, h)
   return o, lse
 
 
@@ -218,13 +221,20 @@ def _attention_kernel(
     cnt_gmem,    # [B*K] int32
     blen_gmem,   # [B*K*N] int32
     k_gmem,      # [B*K*N*P, D]
-    v_gmem,      # [B*K*N*P, D]
-    o_gmem,      # [programs, G, D] f32   normalized partial outputs
-    lse_gmem,    # [programs, 64] f32     natural-log partial lse (rows (bk*G)%8 + [0, G) used)
-    q_smem, thr_smem, ids_smem, cnt_smem, bars,
-    *, splits, g, n, cap, chunk, p, d, dtype, q_rows, per_step, k_transforms, v_transforms,
-    steps_in_flight, interpret):
+    *rest,
+    splits, g, n, cap, chunk, p, d, dtype, q_rows, per_step, k_transforms, v_transforms,
+    steps_in_flight, interpret, max_only=False):
   """One program: kv head bk = pid // splits, kept entries [s*chunk, (s+1)*chunk).
+
+  rest (attention):
+    v_gmem      [B*K*N*P, D]
+    o_gmem      [programs, G, D] f32   normalized partial outputs
+    lse_gmem    [programs, 64] f32     natural-log partial lse (rows (bk*G)%8 + [0, G) used)
+    n_gmem      [programs, 64] f32     keys attended (valid and >= threshold), same rows
+    then the scratch: q_smem, thr_smem, ids_smem, cnt_smem, bars.
+  rest (max_only: a scores-only pass that reads the keys and not the values):
+    mx_gmem     [programs, 64] f32     max score over the valid kept keys (MASK_VALUE: none)
+    then the same scratch.
 
   The q and threshold windows (q_rows rows) start at the 8-row boundary at or before the
   group's first head (row offset (bk*G) % 8, as TMA into a tiled tile needs); their other
@@ -235,6 +245,11 @@ def _attention_kernel(
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  if max_only:
+    mx_gmem, q_smem, thr_smem, ids_smem, cnt_smem, bars = rest
+  else:
+    v_gmem, o_gmem, lse_gmem, n_gmem, q_smem, thr_smem, ids_smem, cnt_smem, bars = rest
 
   pid = lax.axis_index("p")
   bk = lax.div(pid, jnp.int32(splits))
@@ -264,10 +279,29 @@ def _attention_kernel(
   def block(j):  # global block number of kept entry j (clamped: entries past count are junk)
     return first_block + jnp.clip(ids_smem[j], 0, n - 1)
 
+  def max_step(idx, *refs):  # max_only: the valid kept keys' max score, natural units
+    *refs, (m,) = refs
+    k_refs, len_refs = refs[:per_step], refs[per_step:]
+    (i,) = idx
+    if interpret:
+      scores = [lax.dot_general(q_smem[...], k_ref[...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) for k_ref in k_refs]
+    else:
+      def qk_only(*s_refs):
+        for s_ref, k_ref in zip(s_refs, k_refs):
+          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_ref, (1, 0)))
+        return [s_ref[...] for s_ref in s_refs]
+      scores = pl.run_scoped(qk_only, *[plgpu.ACC((_ROWS, p), jnp.float32)] * per_step)
+    for t in range(per_step):
+      j = i * per_step + t
+      length = jnp.where(j < n_entries, len_refs[t][lax.rem(block(j), _LEN_WINDOW)], 0)
+      m = jnp.maximum(m, jnp.where(col < length, scores[t] * scale, MASK_VALUE).max(axis=1))
+    return (m,)
+
   def step(idx, *refs):
     *refs, carry = refs
     k_refs, v_refs, len_refs = refs[:per_step], refs[per_step:2 * per_step], refs[2 * per_step:]
-    acc, m, l = carry
+    acc, m, l, c = carry
     (i,) = idx
 
     def qk(*s_refs):
@@ -295,6 +329,7 @@ def _attention_kernel(
     m_b = lax.broadcast_in_dim(m_new, (_ROWS, p), [0])
     es = [jnp.where(keep, jnp.exp2(s2 - m_b), 0.0) for keep, s2 in zip(keeps, s2s)]
     l = l * alpha + sum(e.sum(axis=1) for e in es)
+    c = c + sum(jnp.where(keep, 1.0, 0.0).sum(axis=1) for keep in keeps)
     acc = acc * lax.broadcast_in_dim(alpha, (_ROWS, d), [0])
 
     def pv(pv_ref):
@@ -309,7 +344,7 @@ def _attention_kernel(
         acc = acc + jnp.dot(e.astype(dtype), v_ref[...], preferred_element_type=jnp.float32)
     else:
       acc = acc + pl.run_scoped(pv, plgpu.ACC((_ROWS, d), jnp.float32))
-    return acc, m_new, l
+    return acc, m_new, l, c
 
   def kv_spec(t, transforms):
     return plgpu.BlockSpec((p, d), lambda i: (block(i * per_step + t), 0), transforms=transforms)
@@ -318,19 +353,38 @@ def _attention_kernel(
     return plgpu.BlockSpec((_LEN_WINDOW,),
                            lambda i: (lax.div(block(i * per_step + t), _LEN_WINDOW),))
 
+  m0 = _mgpu.layout_cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret)
+  if max_only:
+    (m,) = plgpu.emit_pipeline(
+        max_step,
+        grid=(n_steps,),
+        in_specs=([kv_spec(t, k_transforms) for t in range(per_step)]
+                  + [len_spec(t) for t in range(per_step)]),
+        max_concurrent_steps=steps_in_flight,
+        init_carry=(m0,),
+    )(*[k_gmem] * per_step, *[blen_gmem] * per_step)
+
+    def store_max(mx_smem):
+      mx_smem[...] = m
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(mx_smem, mx_gmem.at[pid])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store_max, plgpu.SMEM((_ROWS,), jnp.float32))
+    return
+
   acc0 = _mgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA,
                            interpret)
-  m0 = _mgpu.layout_cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret)
   l0 = _mgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32), row, interpret)
   specs = ([kv_spec(t, k_transforms) for t in range(per_step)]
            + [kv_spec(t, v_transforms) for t in range(per_step)]
            + [len_spec(t) for t in range(per_step)])
-  acc, m, l = plgpu.emit_pipeline(
+  acc, m, l, c = plgpu.emit_pipeline(
       step,
       grid=(n_steps,),
       in_specs=specs,
       max_concurrent_steps=steps_in_flight,
-      init_carry=(acc0, m0, l0),
+      init_carry=(acc0, m0, l0, l0),
   )(*[k_gmem] * per_step, *[v_gmem] * per_step, *[blen_gmem] * per_step)
 
   empty = l == 0.0
@@ -338,15 +392,18 @@ def _attention_kernel(
   o = acc / lax.broadcast_in_dim(l_safe, (_ROWS, d), [0])
   lse = jnp.where(empty, EMPTY_LSE, m * _LN2 + jnp.log(l_safe))
 
-  def store(o_smem, lse_smem):
+  def store(o_smem, lse_smem, n_smem):
     o_smem[...] = o
     lse_smem[...] = lse
+    n_smem[...] = c
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(bk * g - q_start, g)], o_gmem.at[pid])
     plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[pid])
+    plgpu.copy_smem_to_gmem(n_smem, n_gmem.at[pid])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(store, plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32))
+  pl.run_scoped(store, plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32),
+                plgpu.SMEM((_ROWS,), jnp.float32))
 
 
 def default_blocks_per_program(cap: int, bk: int, *, target_programs: int = 528) -> int:
@@ -386,13 +443,15 @@ def merge_splits(o_part, lse_part, remainder):
                          remainder)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
-                             remainder, *, config: GatheredAttentionConfig, interpret: bool):
+def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
+            config: GatheredAttentionConfig, interpret: bool):
+  """Runs the kernel; values None runs the keys-only max pass. Returns per-split partials:
+  attention (o [B,K,S,G,D], lse [B,K,S,G], attended [B,K,S,G]); max pass: max [B,K,S,G]."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  b, h, d, k, n, p, g, cap = _check_shapes(q, keys, values, block_len, kept, kept_count,
-                                           threshold)
+  max_only = values is None
+  b, h, d, k, n, p, g, cap = _check_shapes(q, keys, keys if max_only else values, block_len,
+                                           kept, kept_count, threshold)
   dtype = keys.dtype
   bk = b * k
   per_step = config.blocks_per_step
@@ -429,12 +488,17 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
   body = functools.partial(
       _attention_kernel, splits=splits, g=g, n=n, cap=cap, chunk=chunk, p=p, d=d, dtype=dtype,
       q_rows=q_rows, per_step=per_step, k_transforms=qk_t, v_transforms=v_t,
-      steps_in_flight=config.steps_in_flight, interpret=interpret)
+      steps_in_flight=config.steps_in_flight, interpret=interpret, max_only=max_only)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
-  o_part, lse_part = plgpu.kernel(
+  rows_sds = jax.ShapeDtypeStruct((programs, _ROWS), jnp.float32)
+  out_type = (rows_sds if max_only else
+              (jax.ShapeDtypeStruct((programs, g, d), jnp.float32), rows_sds, rows_sds))
+  inputs = [flat["q"], flat["thr"], flat["kept"], flat["cnt"], flat["blen"], keys.reshape(-1, d)]
+  if not max_only:
+    inputs.append(values.reshape(-1, d))
+  out = plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct((programs, g, d), jnp.float32),
-                jax.ShapeDtypeStruct((programs, _ROWS), jnp.float32)),
+      out_type=out_type,
       grid=(programs,),
       grid_names=("p",),
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
@@ -446,14 +510,68 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
           plgpu.Barrier(num_barriers=4),
       ],
       **kw,
-  )(flat["q"], flat["thr"], flat["kept"], flat["cnt"], flat["blen"], keys.reshape(-1, d),
-    values.reshape(-1, d))
-  # lse rows of kv head bk start at (bk*G) % 8 in its 64-row window (static offsets)
-  rows = (np.arange(bk) * g % 8)[:, None] + np.arange(g)                       # [bk, G]
-  lse_part = jnp.take_along_axis(lse_part.reshape(bk, splits, _ROWS),
-                                 jnp.asarray(rows[:, None, :]), axis=2)
-  return merge_splits(o_part.reshape(b, k, splits, g, d), lse_part.reshape(b, k, splits, g),
-                      remainder)
+  )(*inputs)
+  # row outputs of kv head bk start at (bk*G) % 8 in its 64-row window (static offsets)
+  rows = jnp.asarray((np.arange(bk) * g % 8)[:, None, None] + np.arange(g))  # [bk, 1, G]
+  pick = lambda x: jnp.take_along_axis(x.reshape(bk, splits, _ROWS), rows, axis=2).reshape(
+      b, k, splits, g)
+  if max_only:
+    return pick(out)
+  o_part, lse_part, n_part = out
+  return o_part.reshape(b, k, splits, g, d), pick(lse_part), pick(n_part)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "with_counts"))
+def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
+                             remainder, *, config: GatheredAttentionConfig, interpret: bool,
+                             with_counts: bool = False):
+  o_part, lse_part, n_part = _launch(q, keys, values, block_len, kept, kept_count, threshold,
+                                     config=config, interpret=interpret)
+  o, lse = merge_splits(o_part, lse_part, remainder)
+  if not with_counts:
+    return o, lse
+  b, h = threshold.shape
+  return o, lse, jnp.round(n_part.sum(axis=2)).astype(jnp.int32).reshape(b, h)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _kept_max_mgpu(q, keys, block_len, kept, kept_count, *, config, interpret):
+  b, h, _ = q.shape
+  thr = jnp.full((b, h), MASK_VALUE, jnp.float32)
+  mx = _launch(q, keys, None, block_len, kept, kept_count, thr, config=config,
+               interpret=interpret)
+  return mx.max(axis=2).reshape(b, h)
+
+
+def kept_max_reference(q, keys, block_len, kept, kept_count):
+  """max over the valid keys of the kept blocks of q.k/sqrt(D) (q cast to the key dtype),
+  per query head: [B, H] f32, MASK_VALUE where nothing is kept."""
+  return exact_dipr_threshold(q, keys, block_len, kept, kept_count, 0.0)
+
+
+def kept_max(
+    q,            # [B, H, D]
+    keys,         # [B, K, N, P, D]
+    block_len,    # [B, K, N] int32
+    kept,         # [B, K, cap] int32
+    kept_count,   # [B, K] int32
+    *,
+    impl: str | None = None,
+    config: GatheredAttentionConfig = GatheredAttentionConfig(),
+    interpret: bool = False,
+):
+  """The max score over the valid keys of the kept blocks per query head ([B, H] f32,
+  MASK_VALUE where nothing is kept): a scores-only pass of the same kernel that reads the
+  keys and not the values. With it, `gathered_attention` at threshold max - beta is exact
+  DIPR over the kept blocks (see `exact_dipr_threshold`)."""
+  impl = _mgpu.resolve_impl(impl, interpret, "kept_max")
+  if impl == "xla":
+    return kept_max_reference(q, keys, block_len, kept, kept_count)
+  why = kernel_supports(q, keys)
+  if why:
+    raise NotImplementedError(f"kept_max(impl='pallas'): {why}")
+  return _kept_max_mgpu(q, keys, block_len, kept, kept_count, config=config,
+                        interpret=interpret)
 
 
 def gathered_attention(
@@ -469,20 +587,23 @@ def gathered_attention(
     impl: str | None = None,
     config: GatheredAttentionConfig = GatheredAttentionConfig(),
     interpret: bool = False,
+    with_counts: bool = False,
 ):
   """Sparse decode attention over the kept blocks; see the module docstring for the contract.
 
   impl: "pallas" (Mosaic GPU kernel; on the CPU only with interpret=True), "xla" (the jnp
   reference under XLA) or None (pallas on a GPU, xla elsewhere). An unsupported dtype or
   shape under "pallas" raises NotImplementedError naming it.
-  Returns (o [B, H, D] f32, lse [B, H] f32).
+  Returns (o [B, H, D] f32, lse [B, H] f32), and with_counts: also attended [B, H] int32,
+  the keys each query head attended (valid members of kept blocks at or above threshold).
   """
   impl = _mgpu.resolve_impl(impl, interpret, "gathered_attention")
   if impl == "xla":
     return gathered_attention_reference(q, keys, values, block_len, kept, kept_count,
-                                        threshold, remainder=remainder)
+                                        threshold, remainder=remainder, with_counts=with_counts)
   why = kernel_supports(q, keys)
   if why:
     raise NotImplementedError(f"gathered_attention(impl='pallas'): {why}")
   return _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
-                                  remainder, config=config, interpret=interpret)
+                                  remainder, config=config, interpret=interpret,
+                                  with_counts=with_counts)

@@ -1,0 +1,126 @@
+"""The cluster DIPR path on the Mosaic GPU kernels (`alaya_jax.pallas.sparse_decode`) against
+the jnp path of `attention.sparse_attention` on the same store and plan: outputs within bf16
+rounding, stats equal. In jax's GPU interpreter on the CPU, natively on a GPU.
+
+Each interpreter kernel compiles for several seconds on the CPU, so each test packs its
+conditions into few kernel shapes: batch 2 with different lengths, kept counts that differ
+across sequences and kv heads (ragged, truncated by the capacity), none and all kept.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alaya_jax.attention import IndexConfig, Plan, build_store_jit, sparse_attention_jit
+from alaya_jax.errors import ConfigError
+from alaya_jax.index.cluster import ClusterConfig
+from alaya_jax.index.synthetic import synthetic_kv
+from alaya_jax.pallas import gathered_attention as ga
+from alaya_jax.pallas import sparse_decode as sd
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+TOL = 2e-2  # bf16 keys and values; the kernels cast q to bf16 for the products
+DELTA_RAGGED = 30.0  # with capacity 12: kept 12, 12, 8, 11 of needed 18, 14, 8, 11
+
+
+_pallas_jit = jax.jit(sd.sparse_attention_pallas, static_argnames=("plan", "config", "interpret"))
+# One split per kv head: the interpreter runs each program serially, so few programs is fast.
+CONFIG = sd.SparseDecodeConfig(attention=ga.GatheredAttentionConfig(blocks_per_program=16))
+
+
+@pytest.fixture(scope="module")
+def data():
+    """A bf16 store (2 kv heads, lengths 320 and 203) with a cluster index over structured
+    keys, and bf16-exact queries of 8 heads (G = 4); heads 0 and 4 alone give G = 1."""
+    B, S, H, K, D = 2, 320, 8, 2, 64
+    q, k, v = synthetic_kv(B, S, H, K, D, seed=0)
+    k, v = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+    q = jnp.asarray(q, jnp.bfloat16).astype(jnp.float32)
+    cfg = ClusterConfig(cluster_size=16, block_size=32, sink=4, window=32, tail_capacity=64)
+    store = build_store_jit(k, v, jnp.asarray([320, 203], jnp.int32),
+                            IndexConfig(cluster=cfg, block=None), n_heads=H)
+    return q, store
+
+
+def run_both(q, store, plan):
+    o_ref, st_ref = sparse_attention_jit(q, store, dataclasses.replace(plan, impl="xla"))
+    o, st = _pallas_jit(q, store, plan, config=CONFIG, interpret=INTERPRET)
+    return (o, st), (o_ref, st_ref)
+
+
+def assert_same(got, want):
+    (o, st), (o_ref, st_ref) = got, want
+    o, o_ref = np.asarray(o, np.float64), np.asarray(o_ref, np.float64)
+    assert np.all(np.isfinite(o))
+    err = np.linalg.norm(o - o_ref) / np.linalg.norm(o_ref)
+    assert err < TOL, err
+    for name in ("keys_attended", "keys_read", "rows_scored", "groups_kept", "groups_needed",
+                 "truncated", "context"):
+        np.testing.assert_array_equal(np.asarray(getattr(st, name)),
+                                      np.asarray(getattr(st_ref, name)), err_msg=name)
+    np.testing.assert_allclose(np.asarray(st.threshold), np.asarray(st_ref.threshold),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gqa4_probe_threshold_capacity_remainder(data):
+    """G = 4: the probe, the DIPR threshold from the keys-only pass, a capacity that truncates
+    some kv heads and not others, with and without the remainder estimate."""
+    q, store = data
+    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=DELTA_RAGGED, capacity=12)
+    got, want = run_both(q, store, plan)
+    kept = np.asarray(want[1].groups_kept)
+    needed = np.asarray(want[1].groups_needed)
+    assert (needed > kept).any() and (needed == kept).any(), (kept, needed)  # ragged, truncated
+    assert len(set(kept.ravel().tolist())) > 1
+    assert_same(got, want)
+    assert_same(*run_both(q, store, dataclasses.replace(plan, remainder=True, remainder_var=0.5)))
+
+
+def test_gqa1_margins_kernel_none_and_all_kept(data):
+    """G = 1 through the score_select margins kernel (probe 0, no remainder): every block kept
+    (delta = inf) and none kept (a negative delta no block reaches), attending all read keys."""
+    q, store = data
+    q = q[:, ::4]  # heads 0 and 4: one per kv head
+    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=0, attend_read=True,
+                     delta=float("inf"))
+    got, want = run_both(q, store, plan)
+    nonempty = np.asarray((store.cluster.block_len > 0).sum(-1))
+    np.testing.assert_array_equal(np.asarray(want[1].groups_kept), nonempty)
+    assert_same(got, want)
+    got, want = run_both(q, store, dataclasses.replace(plan, delta=-1e4))
+    assert np.all(np.asarray(want[1].groups_kept) == 0)
+    assert_same(got, want)
+
+
+def test_top_cap_mask_matches_top_k():
+    """The radix select keeps the set lax.top_k keeps: ties, forced rows, few passing, -0.0."""
+    rng = np.random.default_rng(0)
+    m = rng.normal(0, 2, (6, 300)).astype(np.float32)
+    m[1, :40] = 1.5  # ties at the cut
+    m[2, ::7] = 1e30  # forced
+    m[3] = -np.abs(m[3])  # none passing
+    m[3, :3] = [0.0, -0.0, 2.0]
+    m[4, :] = np.round(m[4], 1)  # many ties
+    for cap in (1, 5, 37, 300):
+        keep, needed = sd.top_cap_mask(jnp.asarray(m), cap)
+        vals, ids = jax.lax.top_k(jnp.asarray(m + 0.0), cap)
+        want = np.zeros(m.shape, bool)
+        for r in range(m.shape[0]):
+            want[r, np.asarray(ids[r])[np.asarray(vals[r]) >= 0]] = True
+        np.testing.assert_array_equal(np.asarray(keep), want, err_msg=f"cap {cap}")
+        np.testing.assert_array_equal(np.asarray(needed), (m >= 0).sum(-1))
+
+
+def test_dispatch(data):
+    q, store = data
+    with pytest.raises(ConfigError):
+        Plan.dipr(4.0, impl="triton")
+    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, rank_std=1.0)
+    assert "rank_std" in sd.kernel_supports(q, store, plan)
+    if not ON_GPU:
+        with pytest.raises(NotImplementedError):
+            sparse_attention_jit(q, store, dataclasses.replace(plan, rank_std=0.0, impl="pallas"))
+    assert sd.kernel_supports(q, store, Plan.dipr(4.0, "cluster", window=32)) is None
