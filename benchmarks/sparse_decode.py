@@ -120,7 +120,7 @@ def main(argv=None):
     profiles = []
     for ctx in args.profile:
         for spec in args.methods:
-            if spec == "full" and len(args.methods) > 1 and backend != "gpu":
+            if not spec.startswith("dipr"):
                 continue
             try:
                 prof = profile_decode(model, ctx, args.steps, parse_method(spec))

@@ -329,7 +329,8 @@ def _attention_kernel(
     m_b = lax.broadcast_in_dim(m_new, (_ROWS, p), [0])
     es = [jnp.where(keep, jnp.exp2(s2 - m_b), 0.0) for keep, s2 in zip(keeps, s2s)]
     l = l * alpha + sum(e.sum(axis=1) for e in es)
-    c = c + sum(jnp.where(keep, 1.0, 0.0).sum(axis=1) for keep in keeps)
+    c = c + sum(jnp.where(keep, s2 * 0.0 + 1.0, 0.0).sum(axis=1)  # keys attended per row
+                for keep, s2 in zip(keeps, s2s))
     acc = acc * lax.broadcast_in_dim(alpha, (_ROWS, d), [0])
 
     def pv(pv_ref):
