@@ -129,6 +129,7 @@ def main(argv=None):
                 continue
             prof.update(method=spec, context=ctx)
             profiles.append(prof)
+            _write(args, rows, cfg, profiles)
             print(f"profile {spec} @ {ctx}: wall {prof['wall_ms_per_step']:.2f} ms/step, GPU "
                   f"kernels {prof['gpu_ms_per_step']:.2f} ms/step, {prof['copies_over_1MB']} "
                   "large copies in the loop; top kernels (us/step):", flush=True)

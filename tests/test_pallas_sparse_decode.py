@@ -47,7 +47,7 @@ def data():
 
 def run_both(q, store, plan):
     o_ref, st_ref = sparse_attention_jit(q, store, dataclasses.replace(plan, impl="xla"))
-    o, st = _pallas_jit(q, store, plan, config=CONFIG, interpret=INTERPRET)
+    o, st = sd.sparse_attention_pallas(q, store, plan, config=CONFIG, interpret=INTERPRET)
     return (o, st), (o_ref, st_ref)
 
 
