@@ -111,8 +111,8 @@ def test_eight_b_shapes_by_eval_shape():
 
     cfg = aj.model.llama3_8b_config()
     model = nnx.eval_shape(lambda: aj.Llama(cfg, dtype=jnp.bfloat16))
-    assert model.wq.get_value().shape == (32, 4096, 4096)
-    assert model.wk.get_value().shape == (32, 4096, 1024)
+    assert model.wqkv.get_value().shape == (32, 4096, 4096 + 2 * 1024)
+    assert model.w_gate_up.get_value().shape == (32, 4096, 2 * 14336)
     assert model.lm_head.get_value().shape == (4096, 128256)
     assert abs(cfg.param_count() - 8.03e9) < 0.01e9
     cache = aj.KVCache.abstract(cfg, 1, 32768, jnp.bfloat16)
@@ -155,7 +155,7 @@ def test_per_layer_weights_equal_stacked_weights(tmp_path, tiny):
     tl.write_hf(tmp_path, tiny)
     stacked, tok = aj.load_model(str(tmp_path), stack_layers=True)
     split, _ = aj.load_model(str(tmp_path), stack_layers=False)
-    assert isinstance(split.wq.get_value(), tuple) and len(split.wq.get_value()) == 2
+    assert isinstance(split.wqkv.get_value(), tuple) and len(split.wqkv.get_value()) == 2
     ids = list(range(3, 30))
     a = aj.generate(stacked, tok, ids, 5, stop_at_eos=False)
     b = aj.generate(split, tok, ids, 5, stop_at_eos=False)

@@ -177,11 +177,24 @@ def read_hf(directory: str, dtype=np.float32) -> tuple[LlamaConfig, dict[str, np
     return cfg, weights
 
 
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fuse_layer_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The checkpoint's separate projections joined along the output axis as the model
+    holds them: wq|wk|wv -> wqkv, w_gate|w_up -> w_gate_up (other entries unchanged)."""
+    out = {n: a for n, a in weights.items() if not any(n in parts for parts in FUSED.values())}
+    for name, parts in FUSED.items():
+        out[name] = np.concatenate([weights[p] for p in parts], axis=-1)
+    return out
+
+
 def assign_weights(model, weights: dict[str, np.ndarray]) -> None:
     """Writes loaded arrays into an (abstract or concrete) `Llama`, checking every shape.
 
-    Per-layer weights arrive stacked [L, ...]; a model with `stacked=False` gets a tuple of
-    L device arrays instead (one per layer)."""
+    Per-layer weights arrive stacked [L, ...] under the checkpoint's names (`layer_shapes`)
+    and are fused as the model holds them (`fuse_layer_weights`); a model with
+    `stacked=False` gets a tuple of L device arrays instead (one per layer)."""
     cfg = model.cfg
     per_layer = layer_shapes(cfg)
     expected = {n: (cfg.n_layers,) + shape for n, shape in per_layer.items()}
@@ -197,8 +210,11 @@ def assign_weights(model, weights: dict[str, np.ndarray]) -> None:
         arr = weights[name]
         if tuple(arr.shape) != shape:
             raise ShapeError(f"weight {name!r} has shape {tuple(arr.shape)}, the config expects {shape}")
+    model_weights = fuse_layer_weights({n: weights[n] for n in expected})
+    layer_names = set(FUSED) | {n for n in per_layer if not any(n in p for p in FUSED.values())}
+    for name, arr in model_weights.items():
         var = getattr(model, name)
-        if name in per_layer and not model.stacked:
+        if name in layer_names and not model.stacked:
             var.set_value(tuple(jnp.asarray(arr[i], dtype=dtype) for i in range(cfg.n_layers)))
         else:
             var.set_value(jnp.asarray(arr, dtype=dtype))
