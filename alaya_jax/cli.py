@@ -57,18 +57,21 @@ def cmd_generate(args) -> int:
           f"{n} new tokens in {res.decode_s:.2f}s ({args.method})", file=sys.stderr)
     if res.attention_stats:
         st = res.attention_stats
-        print(f"[alaya] {args.method}: attended {st['attended_fraction']:.1%} of the keys per head, "
-              f"read {st['read_fraction']:.1%} (index rows included); capacity truncations: "
+        plan = f" ({st['plan']}: {st['plan_reason']})" if st.get("plan") else ""
+        print(f"[alaya] {args.method}{plan}: attended {st['attended_fraction']:.1%} of the keys per "
+              f"head, read {st['read_fraction']:.1%} (index rows included); capacity truncations: "
               f"{st['truncated_layer_steps']}", file=sys.stderr)
     return 0
 
 
-METHOD_HELP = ("decode attention: full | dipr[:BETA] (cluster index) | dipr-flat[:BETA] | "
-               "dipr-block[:BETA] | topk:K | quest:PAGES | streaming[:WINDOW]")
+METHOD_HELP = ("decode attention: full | dipr[:BETA] (the query optimizer picks the index) | "
+               "dipr-cluster[:BETA] | dipr-flat[:BETA] | dipr-block[:BETA] | topk:K | quest:PAGES | "
+               "streaming[:WINDOW]")
 
 
 def parse_method(spec: str):
-    """'full', 'dipr:8', 'dipr-flat:8', 'topk:64', 'quest:8', 'streaming:256' -> a method."""
+    """'full', 'dipr:8', 'dipr-cluster:8', 'dipr-flat:8', 'topk:64', 'quest:8', 'streaming:256'
+    -> a method ('dipr' lets the optimizer choose the index)."""
     import alaya_jax as aj
 
     name, _, arg = spec.partition(":")
@@ -76,7 +79,7 @@ def parse_method(spec: str):
         if name == "full":
             return None
         if name in ("dipr", "dipr-cluster", "dipr-flat", "dipr-block"):
-            index = {"dipr": "cluster"}.get(name, name.partition("-")[2])
+            index = {"dipr": "auto"}.get(name, name.partition("-")[2])
             return aj.DIPR(float(arg) if arg else 8.0, index)
         if name == "topk":
             return aj.TopK(int(arg))

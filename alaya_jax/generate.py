@@ -14,6 +14,7 @@ import time
 import warnings
 from typing import Any, Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,12 +87,28 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Ar
 
 # --- jitted pieces (graphdef static; state a pytree) --------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef", "first_chunk"), donate_argnames=("cache",))
-def prefill_chunk(graphdef, state, tokens, start, cache: KVCache, *, first_chunk: bool):
-    """tokens [B, C] at positions start..start+C-1 -> (hidden [B, C, E], cache)."""
+def prefill_chunk(graphdef, state, tokens, start, cache: KVCache, query_index=None, *,
+                  first_chunk: bool):
+    """tokens [B, C] at positions start..start+C-1 -> (hidden [B, C, E], cache), plus the
+    post-RoPE queries at the chunk-local positions query_index [B, n] when given
+    ([L, B, n, H, D])."""
     model = nnx.merge(graphdef, state)
     B, C = tokens.shape
     positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
-    return model(tokens, positions, cache, first_chunk=first_chunk)
+    return model(tokens, positions, cache, first_chunk=first_chunk, query_index=query_index)
+
+
+@flax.struct.dataclass
+class PrefillQueries:
+    """The queries of each sequence's last n prompt positions, every layer: what a sparse
+    method calibrates its index on (`SparseMethod.prepare(..., queries=)`)."""
+
+    q: jax.Array  # [L, B, n, H, D] post-RoPE, the model's dtype
+    lengths: jax.Array  # [B, n] int32: causal lengths (position + 1) of those queries
+
+    def last(self, n: int) -> "PrefillQueries":
+        """The last n of the collected queries (all of them when n >= their count)."""
+        return PrefillQueries(self.q[:, :, -n:], self.lengths[:, -n:]) if n > 0 else self
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -103,13 +120,16 @@ def logits_at(graphdef, state, hidden, index):
 
 
 def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, *,
-            start: int = 0, chunk: int = 512, progress: Callable[[int, int], None] | None = None):
+            start: int = 0, chunk: int = 512, progress: Callable[[int, int], None] | None = None,
+            collect_queries: int = 0):
     """Chunked prefill of right-padded new tokens [B, T] with valid counts lengths [B].
 
     The tokens go to positions start..start+T-1 of every sequence (the cache already holds
     `start` tokens of each, e.g. a reused prefix). Returns (logits at each sequence's last
     new token [B, V] f32, cache with lengths = start + lengths). Memory stays bounded by the
     chunk; a chunk at position 0 attends causally to itself, later ones to the cache.
+    collect_queries n > 0: also return the `PrefillQueries` of each sequence's own last n new
+    tokens (a sequence with fewer repeats its first), as a third element.
     """
     graphdef, state = nnx.split(model)
     B, T = tokens.shape
@@ -122,10 +142,23 @@ def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCach
     padded[:, :T] = tokens
     last_logits = None
     lengths = np.asarray(lengths, np.int32)
+    n_q = int(collect_queries)
+    if n_q < 0:
+        raise ShapeError(f"collect_queries must be >= 0, got {collect_queries}")
+    if n_q:  # token index (among the new ones) of each collected query, [B, n]
+        q_tok = np.maximum(lengths[:, None] - n_q + np.arange(n_q)[None, :], 0).astype(np.int32)
+        queries = None
     for c in range(n_chunks):
-        hidden, cache = prefill_chunk(graphdef, state, jnp.asarray(padded[:, c * C:(c + 1) * C]),
-                                      jnp.int32(start + c * C), cache,
-                                      first_chunk=(start == 0 and c == 0))
+        args = (graphdef, state, jnp.asarray(padded[:, c * C:(c + 1) * C]),
+                jnp.int32(start + c * C), cache)
+        if n_q:
+            q_local = q_tok - c * C
+            hidden, cache, q_at = prefill_chunk(*args, jnp.asarray(np.clip(q_local, 0, C - 1)),
+                                                first_chunk=(start == 0 and c == 0))
+            q_here = jnp.asarray((q_local >= 0) & (q_local < C))[None, :, :, None, None]
+            queries = q_at if queries is None else jnp.where(q_here, q_at, queries)
+        else:
+            hidden, cache = prefill_chunk(*args, first_chunk=(start == 0 and c == 0))
         # Each sequence's last token lies in exactly one chunk: take its logits there.
         local = lengths - 1 - c * C
         here = (local >= 0) & (local < C)
@@ -135,7 +168,10 @@ def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCach
                                                                    last_logits)
         if progress is not None:
             progress(min((c + 1) * C, T), T)
-    return last_logits, cache.replace(lengths=jnp.asarray(start + lengths, jnp.int32))
+    cache = cache.replace(lengths=jnp.asarray(start + lengths, jnp.int32))
+    if n_q:
+        return last_logits, cache, PrefillQueries(queries, jnp.asarray(start + q_tok + 1))
+    return last_logits, cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,9 +226,11 @@ _decode_loop = jax.jit(_decode_loop_impl, static_argnums=(0,), donate_argnums=(2
 
 
 def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tokens: int, key, *,
-                     sampling: Sampling = Sampling(), attention=None, stop_ids=()):
+                     sampling: Sampling = Sampling(), attention=None, stop_ids=(),
+                     queries: PrefillQueries | None = None):
     """(static, weights state, loop state) for `_decode_loop`: first [B] is the first token to
-    feed. A stateful attention method builds its indexes over the cache here."""
+    feed. A stateful attention method builds its indexes over the cache here, calibrated on
+    the prefill's `queries` when it asks for them (`attention.calibration_queries`)."""
     attention = attention or FullAttention()
     graphdef, state = nnx.split(model)
     static = _LoopStatic(graphdef, sampling, attention, tuple(stop_ids))
@@ -203,11 +241,16 @@ def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tok
                 max_new=jnp.int32(max_new_tokens))
     if hasattr(attention, "prepare"):  # build the indexes over the prefilled cache
         L = model.cfg.n_layers
-        loop["attn"] = attention.prepare(cache, model.cfg.n_heads)
+        loop["attn"] = attention.prepare(cache, model.cfg.n_heads, queries=queries)
         loop["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
                              context=jnp.zeros((L, B)), truncated=jnp.zeros((L, B), jnp.int32),
                              steps=jnp.zeros((B,)))
     return static, state, loop
+
+
+def calibration_queries(attention) -> int:
+    """How many of each prompt's last queries the method calibrates on (0: none)."""
+    return int(getattr(attention, "calibration_queries", 0) or 0)
 
 
 # --- the public entry ----------------------------------------------------------------------
@@ -271,12 +314,14 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
     cache = KVCache.zeros(cfg, B, max_len, model.dtype)
 
     t0 = time.perf_counter()
-    logits, cache = prefill(model, tokens, lengths, cache, chunk=C)
+    n_q = calibration_queries(attention)
+    out = prefill(model, tokens, lengths, cache, chunk=C, collect_queries=n_q)
+    logits, cache, queries = out if n_q else (*out, None)
     logits.block_until_ready()
     t1 = time.perf_counter()
     gen, steps, stats = decode(model, tokenizer, cache, logits, max_new_tokens, sampling=sampling,
                                attention=attention, seed=seed, stream=stream,
-                               stop_at_eos=stop_at_eos)
+                               stop_at_eos=stop_at_eos, queries=queries)
     t2 = time.perf_counter()
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     return GenerationResult(texts=texts, tokens=gen, prompt_lengths=lengths.tolist(),
@@ -286,12 +331,15 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
 
 def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_tokens: int, *,
            sampling: Sampling = Sampling(), attention=None, seed: int = 0, stream=None,
-           stop_at_eos: bool = True) -> tuple[list[list[int]], int, dict | None]:
+           stop_at_eos: bool = True, queries: PrefillQueries | None = None,
+           ) -> tuple[list[list[int]], int, dict | None]:
     """Decodes from a filled cache, given the logits at each sequence's last token [B, V].
 
     The cache needs room for max_new_tokens more positions. A stateful attention method
-    (`alaya_jax.methods`) builds its indexes over the cache first. Returns (generated ids per
-    sequence, stop token excluded; decode steps run; attention stats or None).
+    (`alaya_jax.methods`) builds its indexes over the cache first, calibrated on `queries`
+    (from `prefill(..., collect_queries=calibration_queries(attention))`) when it uses them.
+    Returns (generated ids per sequence, stop token excluded; decode steps run; attention
+    stats or None).
     """
     attention = attention or FullAttention()
     B = logits.shape[0]
@@ -304,7 +352,9 @@ def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_t
     stop_ids = tuple(sorted(tokenizer.stop_ids())) if stop_at_eos else ()
     static, state, loop = init_decode_loop(model, cache, first, max_new_tokens, key,
                                            sampling=sampling, attention=attention,
-                                           stop_ids=stop_ids)
+                                           stop_ids=stop_ids, queries=queries)
+    report = (attention.report(cache, model.cfg.n_heads, loop["attn"])
+              if hasattr(attention, "report") else {})
     printer = _Streamer(tokenizer, B, stream) if stream else None
     step_chunk = 4 if printer else max_new_tokens
     while max_new_tokens > 0:
@@ -324,7 +374,7 @@ def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_t
         gen.append(ids)
     stats = None
     if "stats" in loop:
-        stats = summarize_stats(jax.device_get(loop["stats"]), model.cfg)
+        stats = dict(summarize_stats(jax.device_get(loop["stats"]), model.cfg), **report)
     return gen, int(loop["step"]), stats
 
 

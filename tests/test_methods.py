@@ -1,5 +1,6 @@
 """Sparse decode methods through the whole model: limits that must equal dense attention."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,3 +58,146 @@ def test_capacity_truncation_is_reported(tiny_model):
     r = _run(model, tok, M.DIPR(float("inf"), "cluster", delta=float("inf"), cluster_size=4,
                                 sink=2, window=4, capacity_fraction=0.05), n=3)
     assert r.attention_stats["truncated_layer_steps"] > 0
+
+
+# --- calibration on prefill queries, the optimizer's index choice, argument checks ------------
+N_QUERIES = 4
+BATCH = [PROMPT[:50], PROMPT[:37]]  # right-padded, different lengths, prefilled in chunks of 16
+
+
+def _prefill(model, prompts, n_queries, max_len=64):
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    cache = aj.KVCache.zeros(model.cfg, len(prompts), max_len, model.dtype)
+    return aj.prefill(model, tokens, lengths, cache, chunk=16, collect_queries=n_queries)
+
+
+@pytest.fixture(scope="module")
+def prefilled(tiny_model):
+    """(cache, PrefillQueries) of BATCH."""
+    _, cache, qs = _prefill(tiny_model[0], BATCH, N_QUERIES)
+    return cache, qs
+
+
+def test_prefill_collects_each_sequences_last_queries(tiny_model, prefilled):
+    """The collected q are each sequence's own last n positions (the first prompt's span two
+    chunks): equal to the q of a one-chunk forward of that prompt alone."""
+    model, _ = tiny_model
+    _, qs = prefilled
+    n, (L, H, D) = N_QUERIES, (model.cfg.n_layers, model.cfg.n_heads, model.cfg.head_dim)
+    assert qs.q.shape == (L, len(BATCH), n, H, D) and qs.lengths.shape == (len(BATCH), n)
+    for b, p in enumerate(BATCH):
+        np.testing.assert_array_equal(np.asarray(qs.lengths[b]), np.arange(len(p) - n + 1, len(p) + 1))
+    T = len(BATCH[0])
+    pos = np.arange(T, dtype=np.int32)[None]
+    _, _, (q, _, _) = model(np.asarray([BATCH[0]], np.int32), pos,
+                            aj.KVCache.zeros(model.cfg, 1, 64, model.dtype), first_chunk=True,
+                            collect_qkv=True)
+    np.testing.assert_allclose(np.asarray(qs.q[:, 0]), np.asarray(q[:, 0, T - n:]), rtol=1e-5,
+                               atol=1e-5)
+    assert np.abs(np.asarray(qs.q[:, 1] - qs.q[:, 0])).max() > 1e-3  # its own positions
+
+
+def test_prepare_calibrates_a_finite_delta_per_layer(tiny_model, prefilled):
+    """prepare(queries=...) stores in every layer's cluster index the margin calibrate_delta
+    finds for that layer's keys and its own queries at their causal lengths."""
+    from alaya_jax.attention import KVStore, calibrate_delta
+
+    model, _ = tiny_model
+    cache, qs = prefilled
+    H, n = model.cfg.n_heads, N_QUERIES
+    method = M.DIPR(2.0, "cluster", cluster_size=4, sink=2, window=4, calibration_queries=n)
+    state = method.prepare(cache, H, queries=qs)
+    deltas = method.report(cache, H, state)["delta_per_layer"]
+    assert len(deltas) == model.cfg.n_layers and np.all(np.isfinite(deltas))
+    for i in range(model.cfg.n_layers):
+        k, v = cache.layer(i)
+        cluster = jax.tree.map(lambda a: a[i], state["cluster"])
+        want = calibrate_delta(KVStore(k, v, cache.lengths, cluster),
+                               [qs.q[i, :, j] for j in range(n)], 2.0, method.target_recall,
+                               method.plan.probe, lengths=[qs.lengths[:, j] for j in range(n)])
+        np.testing.assert_array_equal(np.asarray(cluster.delta), np.asarray(want))
+        assert deltas[i] == float(want[0])
+    with pytest.warns(UserWarning, match="without prefill queries"):
+        st = method.prepare(cache, H)  # keeps the configured margin, and says so
+    assert method.report(cache, H, st)["delta_per_layer"] == [method.index.cluster.delta] * 2
+
+
+def _table(path, cluster_cheap: bool):
+    """A cost table that makes the cluster (or the flat) path the cheapest."""
+    import json
+
+    fast, slow = 1e6, 1e-3
+    d = dict(device_kind="test", overhead_us=dict(flat=1.0, block=1.0, cluster=1.0),
+             bandwidth_gbs=dict(flat=slow if cluster_cheap else fast, block=slow,
+                                cluster=fast if cluster_cheap else slow),
+             read_fraction=dict(cluster={"8": 0.1}, block={"8": 1.0}))
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+@pytest.mark.parametrize("cluster_cheap", [True, False])
+def test_auto_index_is_the_optimizers_choice(tiny_model, prefilled, tmp_path, cluster_cheap):
+    from alaya_jax.optimizer import CostTable, QueryShape, choose_plan
+
+    model, _ = tiny_model
+    cache, qs = prefilled
+    cfg = model.cfg
+    table = _table(tmp_path / "t.json", cluster_cheap)
+    method = M.DIPR(8.0, cluster_size=4, sink=2, window=4, cost_table=table,
+                    calibration_queries=N_QUERIES)
+    shape = QueryShape(context=cache.max_len, batch=len(BATCH), heads=cfg.n_heads,
+                       kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, itemsize=4)
+    want = choose_plan(shape, 8.0, available=("flat", "block", "cluster"),
+                       table=CostTable.load(path=table), sink=2, window=4)
+    assert want.path == ("cluster" if cluster_cheap else "flat")
+    choice = method.choose_for(cache, cfg.n_heads)
+    assert choice.path == want.path and choice.plan.index == want.path
+    assert f"-> {want.path}" in choice.explain()
+    state = method.prepare(cache, cfg.n_heads, queries=qs)  # builds only the chosen index
+    assert (state["cluster"] is not None) == cluster_cheap and state["block"] is None
+    rep = method.report(cache, cfg.n_heads, state)
+    assert rep["plan"] == choice.plan.describe() and f"index={want.path}" in rep["plan"]
+    assert (rep["delta_per_layer"] is not None) == cluster_cheap
+    forced = M.DIPR(8.0, "flat", cost_table=table).choose_for(cache, cfg.n_heads)
+    assert forced.path == "forced" and forced.plan.index == "flat"
+
+
+def test_bad_arguments_give_clear_errors(tiny_model, prefilled):
+    from alaya_jax.errors import ConfigError, ShapeError
+    from alaya_jax.eval.harness import MethodSpecError, parse_method
+
+    with pytest.raises(ConfigError, match="index must be one of"):
+        M.DIPR(8.0, "kmeans")
+    with pytest.raises(ConfigError, match="beta must be >= 0"):
+        M.DIPR(-1.0)
+    with pytest.raises(ConfigError, match="calibration_queries must be >= 0"):
+        M.DIPR(8.0, calibration_queries=-2)
+    with pytest.raises(ConfigError, match="target_recall"):
+        M.DIPR(8.0, target_recall=1.5)
+    with pytest.raises(ConfigError, match="no cost table"):
+        M.DIPR(8.0, cost_table="tpu_v9").choose(1024)
+    with pytest.raises(MethodSpecError, match="unknown option 'probe'"):
+        parse_method("dipr:8:probe")  # probe needs a value
+    model, _ = tiny_model
+    with pytest.raises(ShapeError, match="collect_queries"):
+        _prefill(model, BATCH, -1)
+    cache, qs = prefilled
+    method = M.DIPR(2.0, "cluster", cluster_size=4, sink=2, window=4, calibration_queries=2)
+    with pytest.raises(ShapeError, match="queries must be q"):
+        method.prepare(cache, model.cfg.n_heads, queries=qs.replace(q=qs.q[:1]))
+
+
+def test_method_specs_name_the_index():
+    from alaya_jax.eval.harness import parse_method
+
+    assert parse_method("dipr:8").attention.auto
+    cl = parse_method("dipr-cluster:8:read:remainder:var=0.5:probe=8:recall=0.95:calib=16").attention
+    assert not cl.auto and cl.plan.index == "cluster" and cl.plan.attend_read
+    assert cl.plan.remainder and cl.plan.remainder_var == 0.5 and cl.plan.probe == 8
+    assert cl.target_recall == 0.95 and cl.calibration_queries == 16
+    fixed = parse_method("dipr-cluster:8:delta=3").attention
+    assert fixed.plan.delta == 3.0 and fixed.calibration_queries == 0  # nothing to calibrate
+    assert parse_method("dipr-flat:8").attention.plan.index == "flat"

@@ -32,7 +32,8 @@ import numpy as np
 from alaya_jax import methods as M
 from alaya_jax.errors import ConfigError
 from alaya_jax.eval import tasks as T
-from alaya_jax.generate import FullAttention, _decode_loop, init_decode_loop, prefill
+from alaya_jax.generate import (FullAttention, _decode_loop, calibration_queries, init_decode_loop,
+                                prefill)
 from alaya_jax.model.llama import KVCache
 
 
@@ -48,8 +49,22 @@ class Method:
 
 
 METHOD_HELP = ("full | full-sparse | streaming[:SINK:WINDOW] | topk:K | quest:PAGES[:PAGE_SIZE] | "
-               "dipr:BETA | dipr-flat:BETA | dipr-block:BETA, dipr options after more colons: "
-               "delta=X, cap=FRACTION, cluster=SIZE, remainder (e.g. dipr:8:delta=3); BETA may be inf")
+               "dipr:BETA (index chosen by the optimizer) | dipr-cluster:BETA | dipr-flat:BETA | "
+               "dipr-block:BETA, dipr options after more colons: delta=X (fixed margin; default: "
+               "calibrated), recall=R (calibration target), calib=N (prefill queries calibrated "
+               "on), cap=FRACTION, cluster=SIZE, probe=N, remainder, var=X (remainder variance "
+               "scale), read (attend every key read), plain (no recipe: attend only the DIPR set, "
+               "probe 2, no remainder), qa (cluster in the prefill queries' metric) "
+               "(e.g. dipr-cluster:8:delta=3); BETA may be inf")
+
+
+# dipr spec option -> (DIPR keyword, value parser; None: a flag without a value)
+_DIPR_OPTIONS = {"delta": ("delta", float), "recall": ("target_recall", float),
+                 "calib": ("calibration_queries", int), "cap": ("capacity_fraction", float),
+                 "cluster": ("cluster_size", int), "probe": ("probe", int),
+                 "remainder": ("remainder", None), "var": ("remainder_var", float),
+                 "read": ("attend_read", None), "plain": ("plain", None),
+                 "qa": ("query_aware", None)}
 
 
 def parse_method(spec: str) -> Method:
@@ -69,18 +84,16 @@ def parse_method(spec: str) -> Method:
         if name == "quest" and 1 <= len(parts) <= 2:
             return Method(spec, M.Quest(int(parts[0]), *(int(p) for p in parts[1:])))
         if name in ("dipr", "dipr-flat", "dipr-block", "dipr-cluster") and parts and parts[0]:
-            index = {"dipr": "cluster"}.get(name, name.removeprefix("dipr-"))
+            index = {"dipr": "auto"}.get(name, name.removeprefix("dipr-"))
             kw: dict[str, Any] = {}
             for opt in parts[1:]:
                 key, _, val = opt.partition("=")
-                if key == "delta":
-                    kw["delta"] = float(val)
-                elif key == "cap":
-                    kw["capacity_fraction"] = float(val)
-                elif key == "cluster":
-                    kw["cluster_size"] = int(val)
-                elif key == "remainder" and not val:
-                    kw["remainder"] = True
+                if key in _DIPR_OPTIONS and bool(val) == (_DIPR_OPTIONS[key][1] is not None):
+                    arg, conv = _DIPR_OPTIONS[key]
+                    if arg == "plain":
+                        kw.update(M.PLAIN_CLUSTER_PLAN)
+                    else:
+                        kw[arg] = True if conv is None else conv(val)
                 else:
                     raise ValueError(f"unknown option {opt!r}")
             return Method(spec, M.DIPR(float(parts[0]), index, **kw))
@@ -94,18 +107,24 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def decode_timed(model, tokenizer, cache: KVCache, logits, max_new_tokens: int, attention):
+def decode_timed(model, tokenizer, cache: KVCache, logits, max_new_tokens: int, attention,
+                 queries=None):
     """Greedy decode as `alaya_jax.generate.decode` runs it (same jitted loop), with the index
-    build and the loop timed apart. The cache is consumed (donated). Returns
-    (ids per sequence, steps, per-sequence stats dict of [L, B] arrays or None, build_s, loop_s).
+    build (and its calibration on the prefill's `queries`) and the loop timed apart. The cache
+    is consumed (donated). Returns
+    (ids per sequence, steps, per-sequence stats dict of [L, B] arrays or None, build_s, loop_s);
+    the stats also hold the method's `report` (its plan, per-layer deltas) under "report".
     """
     stop_ids = tuple(sorted(tokenizer.stop_ids()))
     t0 = time.perf_counter()
     static, state, loop = init_decode_loop(model, cache, jnp.argmax(logits, -1).astype(jnp.int32),
                                            max_new_tokens, jax.random.PRNGKey(0),
-                                           attention=attention, stop_ids=stop_ids)
+                                           attention=attention, stop_ids=stop_ids,
+                                           queries=_queries_for(attention, queries))
     jax.block_until_ready(loop)  # the index build, when the method has one
     t1 = time.perf_counter()
+    report = (attention.report(cache, model.cfg.n_heads, loop["attn"])
+              if hasattr(attention, "report") else None)
     loop = _decode_loop(static, state, loop, jnp.int32(max_new_tokens))
     out = np.asarray(loop["out"])
     t2 = time.perf_counter()
@@ -115,7 +134,7 @@ def decode_timed(model, tokenizer, cache: KVCache, logits, max_new_tokens: int, 
         if ids and ids[-1] in stop_ids:
             ids = ids[:-1]
         gen.append(ids)
-    stats = jax.device_get(loop["stats"]) if "stats" in loop else None
+    stats = dict(jax.device_get(loop["stats"]), report=report) if "stats" in loop else None
     return gen, int(loop["step"]), stats, t1 - t0, t2 - t1
 
 
@@ -136,6 +155,12 @@ def per_sequence_stats(stats, cfg, prompt_lengths, n_generated) -> list[dict]:
                          context=float(ctx_l.mean() / steps),
                          truncated=int(stats["truncated"][:, b].sum())))
     return rows
+
+
+def _queries_for(attention, queries):
+    """The prefill queries a method calibrates on (the last n of those collected), or None."""
+    n = calibration_queries(attention)
+    return queries.last(n) if n and queries is not None else None
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -224,8 +249,10 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         t = time.perf_counter()
         C = min(512, -(-T_ // 16) * 16)  # prefill's chunk: the cache must hold whole chunks
         cache_len = max(L, -(-T_ // C) * C)
-        logits, cache = prefill(model, tokens, lens, KVCache.zeros(cfg, B, cache_len, model.dtype),
-                                chunk=C)
+        n_q = max(calibration_queries(m.attention) for m in parsed)
+        out = prefill(model, tokens, lens, KVCache.zeros(cfg, B, cache_len, model.dtype), chunk=C,
+                      collect_queries=n_q)
+        logits, cache, queries = out if n_q else (*out, None)
         jax.block_until_ready(logits)
         prefill_s = time.perf_counter() - t
         max_new = max(s.max_new_tokens for s in batch)
@@ -233,7 +260,8 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         if cold:  # compile outside the timing: a 2-token decode per method
             bar.set_postfix_str(f"L={L} compiling {len(cold)} methods")
             t = time.perf_counter()
-            warm_up = lambda m: decode_timed(model, tokenizer, _copy(cache), logits, 2, m.attention)  # noqa: E731
+            warm_up = lambda m: decode_timed(model, tokenizer, _copy(cache), logits, 2, m.attention,  # noqa: E731
+                                             queries)
             if parallel_compile:  # XLA compiles off the GIL: one thread per method
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -248,7 +276,7 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         for m in parsed:
             bar.set_postfix_str(f"L={L} {m.name}")
             gen, steps, stats, build_s, loop_s = decode_timed(model, tokenizer, _copy(cache), logits,
-                                                              max_new, m.attention)
+                                                              max_new, m.attention, queries)
             seq = per_sequence_stats(stats, cfg, lens.tolist(), [len(g) for g in gen])
             tm = timing.setdefault((m.name, L), dict(loop_s=0.0, steps=0, build_s=0.0, batches=0,
                                                      prefill_s=0.0, batch=B))
@@ -257,6 +285,11 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
             tm["build_s"] += build_s
             tm["prefill_s"] += prefill_s
             tm["batches"] += 1
+            if stats is not None and stats["report"]:
+                rep = stats["report"]
+                tm["plan"] = rep["plan"]
+                if rep["delta_per_layer"] is not None:
+                    tm.setdefault("deltas", []).append(rep["delta_per_layer"])
             for i, s in enumerate(batch):
                 text = tokenizer.decode(gen[i], skip_special_tokens=True)
                 records.append(dict(method=m.name, task=s.task, length=L, index=s.index,
@@ -308,6 +341,10 @@ def summarize(records, timing, methods, tasks, lengths) -> dict:
                 a["decode_ms_per_step"] = 1e3 * tm["loop_s"] / max(tm["steps"], 1)
                 a["index_build_ms"] = 1e3 * tm["build_s"] / tm["batches"]
                 a["batch"] = tm["batch"]
+                if "plan" in tm:
+                    a["plan"] = tm["plan"]
+                if "deltas" in tm:  # calibrated margins: per layer, averaged over batches
+                    a["delta_per_layer"] = np.mean(tm["deltas"], axis=0).tolist()
             by_len[str(L)] = a
         overall = agg(rm)
         out[m] = dict(overall, by_length=by_len) if overall else dict(by_length=by_len)
@@ -350,6 +387,15 @@ def markdown(result: dict) -> str:
                 f"{a.get('decode_ms_per_step', float('nan')):.1f} ({a.get('batch', '-')})",
                 f"{a.get('index_build_ms', float('nan')):.0f}"]
             lines.append("| " + " | ".join(row) + " |")
+    plans = [(m, L, s[m]["by_length"][str(L)]) for L in result["lengths"] for m in result["methods"]
+             if "plan" in s[m]["by_length"].get(str(L), {})]
+    if plans:
+        lines += ["", "Plans run (the optimizer's choice for `dipr:BETA`) and calibrated margins:", ""]
+        for m, L, a in plans:
+            d = a.get("delta_per_layer")
+            extra = (f"; delta per layer mean {np.mean(d):.2f} (min {np.min(d):.2f}, max "
+                     f"{np.max(d):.2f})" if d else "")
+            lines.append(f"- {m} at {L}: {a['plan']}{extra}")
     lines += ["", "Over all lengths:", "",
               "| method | accuracy % | attended % | attended keys | read % | read keys | truncated layer-steps |",
               "|---|---|---|---|---|---|---|"]

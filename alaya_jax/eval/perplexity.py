@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from alaya_jax.errors import ConfigError, ContextLengthError
-from alaya_jax.eval.harness import _copy, parse_method
-from alaya_jax.generate import prefill
+from alaya_jax.eval.harness import _copy, _queries_for, parse_method
+from alaya_jax.generate import calibration_queries, prefill
 from alaya_jax.model.llama import KVCache
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -71,10 +71,12 @@ def _teacher_forced(static: _Static, state, carry, inputs, targets):
     return carry, logp.T
 
 
-def score_method(model, cache: KVCache, first_logits, tokens: np.ndarray, attention) -> dict:
+def score_method(model, cache: KVCache, first_logits, tokens: np.ndarray, attention,
+                 queries=None) -> dict:
     """Teacher-forced log-probs of tokens [B, N] given a cache that ends just before them.
 
     first_logits [B, V]: the prefill's logits at its last token (they predict tokens[:, 0]).
+    queries: the prefill's `PrefillQueries` (the method calibrates on its last n of them).
     The cache is consumed. Returns dict(logp [B, N], stats (summed, [L, B]) or None, build_s,
     loop_s) with compile included in the times of a first call.
     """
@@ -86,17 +88,20 @@ def score_method(model, cache: KVCache, first_logits, tokens: np.ndarray, attent
     t0 = time.perf_counter()
     if hasattr(attention, "prepare"):
         L = cfg.n_layers
-        carry["attn"] = jax.block_until_ready(attention.prepare(cache, cfg.n_heads))
+        carry["attn"] = jax.block_until_ready(attention.prepare(
+            cache, cfg.n_heads, queries=_queries_for(attention, queries)))
         carry["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
                               context=jnp.zeros((L, B)), truncated=jnp.zeros((L, B), jnp.int32),
                               steps=jnp.zeros((B,)))
     t1 = time.perf_counter()
+    report = (attention.report(cache, cfg.n_heads, carry["attn"])
+              if hasattr(attention, "report") else {})
     carry, logp = _teacher_forced(_Static(graphdef, attention), state, carry,
                                   jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:]))
     logp = np.concatenate([np.asarray(lp0), np.asarray(logp)], axis=1)
     t2 = time.perf_counter()
     stats = jax.device_get(carry["stats"]) if "stats" in carry else None
-    return dict(logp=logp, stats=stats, build_s=t1 - t0, loop_s=t2 - t1)
+    return dict(logp=logp, stats=stats, build_s=t1 - t0, loop_s=t2 - t1, report=report)
 
 
 def run_perplexity(model, tokenizer, methods: Sequence[str], *, text_path: str = DEFAULT_TEXT,
@@ -127,13 +132,16 @@ def run_perplexity(model, tokenizer, methods: Sequence[str], *, text_path: str =
         f"{score_tokens} | methods {', '.join(methods)}")
     max_len = -(-need // 256) * 256
     t = time.perf_counter()
-    first_logits, cache = prefill(model, np.asarray([ids[:prefill_tokens]], np.int32),
-                                  np.asarray([prefill_tokens], np.int32),
-                                  KVCache.zeros(cfg, 1, max_len, model.dtype))
+    n_q = max(calibration_queries(m.attention) for m in parsed)
+    out = prefill(model, np.asarray([ids[:prefill_tokens]], np.int32),
+                  np.asarray([prefill_tokens], np.int32), KVCache.zeros(cfg, 1, max_len, model.dtype),
+                  collect_queries=n_q)
+    first_logits, cache, queries = out if n_q else (*out, None)
     jax.block_until_ready(first_logits)
     log(f"[eval-ppl] prefill {prefill_tokens} tokens in {time.perf_counter() - t:.1f}s")
     scored = np.asarray([ids[prefill_tokens:need]], np.int32)
-    run = lambda m: score_method(model, _copy(cache), first_logits, scored, m.attention)  # noqa: E731
+    run = lambda m: score_method(model, _copy(cache), first_logits, scored, m.attention,  # noqa: E731
+                                 queries)
     if parallel:  # every method at once on threads: the compiles overlap
         from concurrent.futures import ThreadPoolExecutor
 
@@ -154,7 +162,8 @@ def run_perplexity(model, tokenizer, methods: Sequence[str], *, text_path: str =
                             attended_keys=st["attended_fraction"] * st["context"],
                             read_keys=st["read_fraction"] * st["context"],
                             ms_per_step_with_compile=1e3 * r["loop_s"] / max(score_tokens - 1, 1),
-                            index_build_s_with_compile=r["build_s"], parallel=parallel, **st)
+                            index_build_s_with_compile=r["build_s"], parallel=parallel,
+                            **r["report"], **st)
     base = rows[parsed[0].name]["nll"]
     for r in rows.values():
         r["delta_nll_vs_first"] = r["nll"] - base
@@ -224,5 +233,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m} | {r['nll']:.4f} | {r['ppl']:.3f} | {r['delta_nll_vs_first']:+.4f} | "
                      f"{100 * r['attended_fraction']:.1f} | {r['attended_keys']:.0f} | "
                      f"{100 * r['read_fraction']:.1f} | {r['read_keys']:.0f} |")
+    plans = [(m, result["rows"][m]) for m in result["methods"] if result["rows"][m].get("plan")]
+    if plans:
+        lines += ["", "Plans run and calibrated margins:", ""]
+        for m, r in plans:
+            d = r.get("delta_per_layer")
+            extra = (f"; delta per layer mean {np.mean(d):.2f} (min {np.min(d):.2f}, max "
+                     f"{np.max(d):.2f})" if d else "")
+            lines.append(f"- {m}: {r['plan']}{extra}")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
