@@ -28,7 +28,8 @@ DELTA_RAGGED = 30.0  # with capacity 12: kept 12, 12, 8, 11 of needed 18, 14, 8,
 
 _pallas_jit = jax.jit(sd.sparse_attention_pallas, static_argnames=("plan", "config", "interpret"))
 # One split per kv head: the interpreter runs each program serially, so few programs is fast.
-CONFIG = sd.SparseDecodeConfig(attention=ga.GatheredAttentionConfig(blocks_per_program=16))
+CONFIG = sd.SparseDecodeConfig(select="radix",
+                               attention=ga.GatheredAttentionConfig(blocks_per_program=16))
 
 
 @pytest.fixture(scope="module")
