@@ -21,7 +21,8 @@ verify; DESIGN.md), with the two parts that grow with the context on the kernels
 
 Stats are those of the jnp path (keys attended and read, rows scored, groups kept and needed,
 threshold, truncation). Plans it does not take (rank_std, rank_var, mass_eps, return_mask,
-non-16-bit caches, shapes the kernels reject) are named by `kernel_supports`; the dispatch in
+an index with a super level or a scalar variance summary, non-16-bit caches, shapes the
+kernels reject) are named by `kernel_supports`; the dispatch in
 `attention.sparse_attention` (Plan.impl) sends them to the jnp path under "auto" and raises
 under "pallas".
 
@@ -85,6 +86,10 @@ def kernel_supports(q, store, plan) -> str | None:
             return f"plan option {name}={getattr(plan, name)} (jnp path only)"
     if plan.return_mask:
         return "plan option return_mask (jnp path only)"
+    if getattr(idx, "super_id", None) is not None:
+        return "an index with a super level (jnp path only)"
+    if getattr(idx.config, "var_summary", "channel") != "channel":
+        return f"var_summary={idx.config.var_summary!r} (jnp path only)"
     why = ga.kernel_supports(q, idx.keys)
     if why is None and plan.probe == 0 and not plan.remainder:
         why = ss.kernel_supports(q, idx.centroid)
