@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_decode.py                       # Llama-3-8B shapes, 4K/32K/128K
     python benchmarks/sparse_decode.py --contexts 4096 131072 --profile 131072   # + GPU profile
+    python benchmarks/sparse_decode.py --contexts --profile 4096 131072   # profiles only
     python benchmarks/sparse_decode.py --small --contexts 1024 2048   # CPU smoke run
 
 A Llama-3-8B-shaped model with random bf16 weights decodes `--steps` tokens per timing,
@@ -78,7 +79,8 @@ def parse_method(spec: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072],
+                    help="contexts to time (none: only --profile)")
     ap.add_argument("--methods", nargs="+",
                     default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
                     help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas] | quest:PAGES")

@@ -31,9 +31,10 @@ Measured (benchmarks/results/sparse_decode_gpu.json, Llama-3-8B shapes, batch 1,
 same attended/read fractions as the jnp path (0.027/0.129). At 4K a layer reads little (cap
 11 blocks per kv head: ~2.9 MB of K+V, ~1 us at bandwidth), so the ~160 us per layer over full
 attention is fixed cost: the small XLA ops around the kernels, 2-3 Mosaic launches and the
-decode step's per-layer tail-fold loop (not yet profiled on the GPU). DIPR at 128K did not fit the H100 (the cluster index holds
-keys and values in ~3 S slots per layer: ~54 GB over 32 layers beside 16 GB of weights and a
-17 GB positional cache); it needs an H200 or a smaller index.
+decode step's per-layer tail-fold loop (not yet profiled on the GPU). DIPR at 128K did not
+fit the H100 (the cluster index holds keys and values in ~3 S slots per layer: ~54 GB over 32
+layers beside 16 GB of weights and a 17 GB positional cache); it needs an H200 or a smaller
+index.
 """
 from __future__ import annotations
 
