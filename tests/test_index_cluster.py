@@ -12,7 +12,8 @@ from alaya_jax.attention import (IndexConfig, KVStore, Plan, append_kv, build_st
                                  calibrate_delta, sparse_attention)
 from alaya_jax.dipr import dipr_reference, full_attention
 from alaya_jax.errors import ConfigError, PlanError
-from alaya_jax.index.cluster import ClusterConfig, ClusterIndex, gathered_attention
+from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex, gathered_attention,
+                                    variance_summary)
 from alaya_jax.index.synthetic import synthetic_kv
 
 CFG = ClusterConfig(cluster_size=8, block_size=8, iters=4, sink=3, window=5, tail_capacity=16)
@@ -223,3 +224,128 @@ def test_errors():
         sparse_attention(q, st, Plan.dipr(1.0, index="cluster", sink=3, window=64))
     with pytest.raises(PlanError, match="block index"):
         sparse_attention(q, st, Plan.quest(2))
+
+
+def _brute_block_variance(idx, k):
+    """Per block, from the members' cache entries: mean over members of |k - c|^2 / D."""
+    pos, blen = np.asarray(idx.positions), np.asarray(idx.block_len)
+    k = np.asarray(k, np.float64)
+    out = np.zeros(blen.shape)
+    for b, kh, n in zip(*np.nonzero(blen > 0)):
+        x = k[b, pos[b, kh, n, :blen[b, kh, n]], kh]  # [members, D]
+        out[b, kh, n] = np.mean(np.square(x - x.mean(0)))
+    return out
+
+
+def _check_super_summaries(idx, k, v):
+    """Super summaries equal the pooled statistics of the member keys, brute force (the
+    variance by its channel mean: with var_summary="scalar" it is stored rank 1)."""
+    pos, blen, sid = (np.asarray(a) for a in (idx.positions, idx.block_len, idx.super_id))
+    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+    assert ((sid >= 0) == (blen > 0)).all()  # every non-empty block sits in one super-cluster
+    for b in range(blen.shape[0]):
+        for kh in range(blen.shape[1]):
+            for s in range(idx.super_len.shape[-1]):
+                members = [pos[b, kh, n, :blen[b, kh, n]] for n in np.nonzero(sid[b, kh] == s)[0]]
+                members = np.concatenate(members + [np.zeros((0,), int)]).astype(int)
+                assert int(idx.super_len[b, kh, s]) == len(members)
+                if not len(members):
+                    continue
+                x, y = k[b, members, kh], v[b, members, kh]
+                np.testing.assert_allclose(idx.super_centroid[b, kh, s], x.mean(0), atol=1e-5)
+                np.testing.assert_allclose(idx.super_value_mean[b, kh, s], y.mean(0), atol=1e-5)
+                np.testing.assert_allclose(np.mean(idx.super_key_var[b, kh, s]),
+                                           np.mean(x.var(0)), rtol=1e-4, atol=1e-6)
+
+
+# the scalar variance summary and the super level (2 blocks per super-cluster) in one index
+SCALAR = dataclasses.replace(CFG, var_summary="scalar", super_size=2)
+
+
+def _check_scalar_variance(idx, k):
+    var = np.asarray(idx.key_var, np.float64)  # [B,K,N,D]
+    live = np.asarray(idx.block_len) > 0
+    np.testing.assert_allclose(var.mean(-1)[live], _brute_block_variance(idx, k)[live],
+                               rtol=1e-3, atol=1e-5)
+    scale, profile = (np.asarray(a) for a in variance_summary(idx))
+    np.testing.assert_allclose(profile.mean(-1), 1.0, rtol=1e-5)  # one profile per kv head
+    np.testing.assert_allclose(var, scale[..., None] * profile[:, :, None, :], rtol=1e-4,
+                               atol=1e-7)
+    return profile
+
+
+def test_scalar_variance_summary_is_the_mean_per_key_variance_times_a_profile():
+    q, k, v, lengths, st = _store(2, config=IndexConfig(cluster=SCALAR, block=None))
+    profile = _check_scalar_variance(st.cluster, k)
+    # the profile is the member-weighted pooled per-channel variance (from the channel index)
+    _, _, _, _, ch = _store(2)
+    n = np.asarray(ch.cluster.block_len, np.float64)
+    pooled = np.einsum("bkn,bknd->bkd", n, np.asarray(ch.cluster.key_var, np.float64))
+    np.testing.assert_allclose(profile, pooled / pooled.mean(-1, keepdims=True), rtol=1e-4)
+    _check_super_summaries(st.cluster, k, v)
+    with pytest.raises(ConfigError, match="var_summary"):
+        ClusterConfig(var_summary="diag")
+
+
+def test_scalar_variance_costs_no_row_and_clusters_of_one_key_stay_exact():
+    one = ClusterConfig(cluster_size=1, block_size=1, iters=1, sink=3, window=5, tail_capacity=16,
+                        var_summary="scalar")
+    q, k, v, lengths, st = _store(3, config=IndexConfig(cluster=one, block=None))
+    plan = Plan.dipr(0.5, index="cluster", sink=3, window=5, delta=0.0, capacity=4, probe=1,
+                     remainder=True, remainder_var=0.5, rank_var=1.0, attend_read=True)
+    o, stats = attend_jit(q, st, plan)
+    full = jax.jit(full_attention)(q, k, v, lengths)  # one key per cluster: zero variance
+    np.testing.assert_allclose(np.asarray(o), np.asarray(full.o), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(stats.rows_scored),
+                                  np.sum(np.asarray(st.cluster.block_len) > 0, -1))
+
+
+def test_opening_every_super_cluster_equals_the_flat_cluster_path():
+    q, k, v, lengths, st = _store(2, config=IndexConfig(cluster=SCALAR, block=None))
+    flat = st.replace(cluster=st.cluster.replace(  # the same blocks without the super level
+        super_id=None, super_len=None, super_centroid=None, super_key_var=None,
+        super_value_mean=None))
+    NS = st.cluster.super_len.shape[-1]
+    plan = Plan.dipr(1.0, index="cluster", sink=3, window=5, delta=0.5, probe=1, remainder=True,
+                     remainder_var=0.5, attend_read=True, super_probe=NS, return_mask=True)
+    o_s, s_s = attend_jit(q, st, plan)
+    o_f, s_f = attend_jit(q, flat, plan)
+    np.testing.assert_allclose(np.asarray(o_s), np.asarray(o_f), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(s_s.attended), np.asarray(s_f.attended))
+    np.testing.assert_array_equal(np.asarray(s_s.rows_scored) - np.asarray(s_f.rows_scored),
+                                  np.sum(np.asarray(st.cluster.super_len) > 0, -1))
+    # one super-cluster opened per head (and no DIPR rule): fewer rows, and only the blocks of
+    # the opened super-clusters are read; the attended set is still exact over what was read
+    o1, s1 = attend_jit(q, st, dataclasses.replace(plan, super_probe=1, delta=-100.0))
+    assert (np.asarray(s1.rows_scored) < np.asarray(s_s.rows_scored)).all()
+    idx = st.cluster
+    sc = np.einsum("bkgd,bksd->bkgs", np.asarray(q).reshape(2, 2, 2, -1),
+                   np.asarray(idx.super_centroid))
+    sc = np.where(np.asarray(idx.super_len)[:, :, None] > 0, sc, -np.inf)
+    pos, sid, end = np.asarray(idx.positions), np.asarray(idx.super_id), np.asarray(idx.end)
+    att = np.asarray(s1.attended)
+    for b in range(2):
+        for kh in range(2):
+            opened = set(np.argmax(sc[b, kh], -1).tolist())  # the best super of each head
+            allowed = np.zeros(att.shape[-1], bool)
+            allowed[:3] = True
+            allowed[end[b]:] = True
+            for n in np.nonzero(np.isin(sid[b, kh], list(opened)))[0]:
+                allowed[pos[b, kh, n][pos[b, kh, n] >= 0]] = True
+            assert not (att[b, 2 * kh:2 * kh + 2] & ~allowed).any()
+
+
+def test_scalar_variance_and_super_level_follow_appends():
+    q, k, v, lengths = _case(2)
+    B, S, K, D = k.shape
+    kc = jnp.zeros((B, 96, K, D), k.dtype).at[:, :S].set(k)
+    vc = jnp.zeros((B, 96, K, D), v.dtype).at[:, :S].set(v)
+    st = build_jit(kc, vc, lengths, IndexConfig(cluster=SCALAR, block=None), n_heads=q.shape[1])
+    new = jnp.asarray(np.random.default_rng(9).normal(size=(2, B, 23, K, D)), k.dtype)
+    st, _ = append_jit(st, new[0], new[1])  # folds the tail into the blocks
+    assert (np.asarray(st.cluster.end) > np.asarray(lengths) - CFG.window).all()
+    _check_scalar_variance(st.cluster, st.k)  # the scalar's running update is exact
+    _check_super_summaries(st.cluster, st.k, st.v)
+    abstract = ClusterIndex.abstract(SCALAR, B, 96, q.shape[1], K, D, k.dtype)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), st.cluster)
