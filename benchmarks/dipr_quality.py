@@ -16,6 +16,18 @@ Per layer, per method: keys read (rows scored + keys read from memory, per kv he
 fraction of the context), keys attended (per query head), recall of the flat DIPR set at the
 same beta, attention mass captured (full-softmax weight of the attended keys) and the relative
 L2 error of the attention output against full attention (mean over query heads and steps).
+keys_read counts one row per scored summary (a block centroid, a super-cluster centroid, a
+per-channel variance row where the plan reads it; two per Quest page) plus every key read;
+keys_read_bytes counts bytes instead, in units of one key + value of a bf16 cache: a block's
+centroid + value_mean in its summary_dtype (f32: 2, bf16: 1, int8: 0.53 keys), Quest's
+min/max rows 0.5. recall is against the flat DIPR set at the plan's beta, recall_b4 at
+beta 4 (DESIGN.md's table), whatever the plan's beta.
+
+The committed results were built with --merge-into runs that add method families to the
+first full run (the JSON's command lists them); e.g. the super-cluster families:
+
+    python benchmarks/dipr_quality.py --qkv-cache /tmp/qkv.npz --only super+rem+var+floor@b1 \
+        super-fixed+rem+var super+rem+var+floor --merge-into benchmarks/results/dipr_quality.json
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from tqdm import tqdm
 from alaya_jax.attention import IndexConfig, Plan, build_store, calibrate_delta, sparse_attention
 from alaya_jax.dipr import full_attention, scaled_scores
 from alaya_jax.index.block import BlockConfig
-from alaya_jax.index.cluster import ClusterConfig
+from alaya_jax.index.cluster import ClusterConfig, summary_row_cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "examples", "data", "gpl-3.0.txt")
@@ -77,7 +89,7 @@ def _make_runner(plan):
             st = store.replace(lengths=L[None])
             o, stats = sparse_attention(qt[None], st, plan)
             return o[0], stats.keys_read[0], stats.keys_attended[0], stats.attended[0], \
-                stats.truncated[0]
+                stats.truncated[0], stats.rows_scored[0]
         return jax.lax.map(lambda a: one(*a), (q, lengths))
     return run
 
@@ -159,12 +171,22 @@ def evaluate_layer(q, k, v, methods, n_decode, calib, sink, window, metric_queri
                                 lengths=[cal_len[i:i + 1] for i in range(calib)])
             st = st.replace(cluster=st.cluster.replace(delta=d))
             delta_used = float(np.asarray(d).mean())
-        o, keys_read, keys_att, attended, trunc = runner(plan)(q_dec, lengths, st)
+        o, keys_read, keys_att, attended, trunc, scored = runner(plan)(q_dec, lengths, st)
         o, attended = np.asarray(o), np.asarray(attended)
+        scored = np.asarray(scored, np.float64)
+        if plan.index == "cluster":  # bytes of the summaries per block, in attended keys
+            var_row = bool(plan.rank_std or plan.rank_var or plan.remainder_var) \
+                and cfg.var_summary == "channel"
+            cost = summary_row_cost(cfg, D, jnp.bfloat16, var_row) / (2 if var_row else 1)
+        else:  # Quest's min/max rows in the cache dtype: two rows are one key + value
+            cost = 0.5
+        keys_read_bytes = np.asarray(keys_read) - scored + cost * scored
         err = np.linalg.norm(o - o_full, axis=-1) / np.maximum(norm_full, 1e-9)  # [T,H]
         mass = np.sum(p_full * attended, axis=-1)  # [T,H]
         ref_set = flat_set(plan.beta if np.isfinite(plan.beta) else 4.0)
         recall = (attended & ref_set).sum(-1) / np.maximum(ref_set.sum(-1), 1)
+        ref4 = flat_set(4.0)  # DESIGN.md's table measures recall at beta 4, whatever the plan's
+        recall_b4 = (attended & ref4).sum(-1) / np.maximum(ref4.sum(-1), 1)
         mid = ref_set & ~always
         recall_mid = np.where(mid.sum(-1) > 0,
                               (attended & mid).sum(-1) / np.maximum(mid.sum(-1), 1), 1.0)
@@ -173,8 +195,11 @@ def evaluate_layer(q, k, v, methods, n_decode, calib, sink, window, metric_queri
             cluster_size=(cfg.cluster_size if plan.index == "cluster" else None),
             capacity=plan.capacity, k=plan.k, pages=plan.pages, delta=delta_used,
             keys_read=float(np.mean(np.asarray(keys_read) / ctx[:, None])),
+            keys_read_bytes=float(np.mean(keys_read_bytes / ctx[:, None])),
+            summary_dtype=cfg.summary_dtype if plan.index == "cluster" else None,
             keys_attended=float(np.mean(np.asarray(keys_att) / ctx[:, None])),
             recall=float(recall.mean()), recall_min=float(recall.min()),
+            recall_b4=float(recall_b4.mean()),
             recall_middle=float(recall_mid.mean()),
             mass=float(mass.mean()), error=float(err.mean()), error_p90=float(np.quantile(err, 0.9)),
             truncated=int(np.asarray(trunc).sum()), build_s=build_s))
@@ -218,6 +243,36 @@ def methods_for(args):
         ms.append(Method("cluster-fixed+rem+var", Plan.dipr(
             4.0, index="cluster", remainder=True, remainder_var=0.5, delta=1e4, capacity=cap,
             **read), main))
+    # one summary row per block: the scalar variance summary (ClusterConfig.var_summary)
+    scal = dataclasses.replace(main, var_summary="scalar")
+    rem = dict(remainder=True, remainder_var=0.5, rank_var=0.5, attend_read=True, **base)
+    for beta in args.betas_scalar:
+        ms.append(Method("scalar+rem+var+floor", Plan.dipr(beta, index="cluster", probe=args.floor,
+                                                           **rem), scal, True))
+    for fl in args.floors:  # the floor sets the budget; DIPR's rule adds clusters above it
+        ms.append(Method("scalar+rem+var+floor@b1", Plan.dipr(1.0, index="cluster", probe=fl,
+                                                              **rem), scal, True))
+    for frac in args.budgets_scalar:  # fixed budget: the top clusters of the group, every step
+        cap = max(1, int(round(frac * T / args.main_cluster_size)))
+        ms.append(Method("scalar-fixed+rem+var", Plan.dipr(4.0, index="cluster", delta=1e4,
+                                                           capacity=cap, **rem), scal))
+    # the super level: score NS = C / super_size super rows, open the best per query head
+    sup = dataclasses.replace(scal, super_size=args.super_size)
+    srem = dict(super_probe=args.super_probe, **rem)
+    for fl in args.floors_super:
+        ms.append(Method("super+rem+var+floor@b1", Plan.dipr(1.0, index="cluster", probe=fl,
+                                                             **srem), sup, True))
+        # the same floor with DIPR's rule off (delta -1e4): a fixed budget per query head
+        ms.append(Method("super-fixed+rem+var", Plan.dipr(1.0, index="cluster", probe=fl,
+                                                          delta=-1e4, **srem), sup))
+    for fl in args.floors_dipr:  # DIPR's rule above a smaller floor: a dynamic budget
+        for beta in args.betas_super:
+            ms.append(Method("super+rem+var+floor", Plan.dipr(beta, index="cluster", probe=fl,
+                                                              **srem), sup, True))
+    sup8 = dataclasses.replace(sup, summary_dtype="int8")
+    for fl in args.floors_int8:
+        ms.append(Method("super+int8+rem+var+floor@b1", Plan.dipr(1.0, index="cluster", probe=fl,
+                                                                  **srem), sup8, True))
     for cs in args.cluster_sizes:
         if cs == args.main_cluster_size:
             continue
@@ -237,36 +292,89 @@ def _interp(points, x):
     return None
 
 
+_SUBLINEAR = ("cluster", "scalar", "super")  # families that read a fraction of the keys (index paths)
+_FIXED_OF = {"cluster+rem+var": "cluster-fixed+rem+var",
+             "cluster+rem+var+floor": "cluster-fixed+rem+var",
+             "scalar+rem+var+floor": "scalar-fixed+rem+var",
+             "scalar+rem+var+floor@b1": "scalar-fixed+rem+var",
+             "super+rem+var+floor@b1": "super-fixed+rem+var",
+             "super+rem+var+floor": "super-fixed+rem+var"}
+
+
+def frontier(summary, key="error"):
+    """Pareto points (keys read, error) of the index paths and Quest: no other point reads no
+    more keys with a lower error."""
+    pts = sorted((r for r in summary if r["method"].startswith(_SUBLINEAR + ("quest",))),
+                 key=lambda r: (r["keys_read"], r[key]))
+    out, best = [], float("inf")
+    for r in pts:
+        if r[key] < best:
+            best = r[key]
+            out.append({k: r[k] for k in ("method", "plan", "cluster_size", "keys_read",
+                                          "keys_attended", "recall", "recall_b4", "mass",
+                                          "error", "keys_read_bytes") if k in r})
+    return out
+
+
 def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
     """The issue's goals, checked on the layer means."""
     out = {}
-    main = [r for r in summary if r["method"].startswith("cluster") and r["keys_read"] <= max_read
-            and r["recall"] >= min_recall]
+    main = [r for r in summary if r["method"].startswith(_SUBLINEAR)
+            and r["keys_read"] <= max_read and r["recall"] >= min_recall
+            and r.get("recall_b4", 1.0) >= min_recall]
     best = min(main, key=lambda r: r["error"], default=None)
     out["best_cluster_at_max_read"] = best and {k: best[k] for k in (
-        "method", "plan", "cluster_size", "keys_read", "recall", "recall_middle", "error")}
+        "method", "plan", "cluster_size", "keys_read", "recall", "recall_middle", "error")
+        + tuple(k for k in ("recall_b4", "keys_read_bytes") if k in best)}
     out["goal_error_at_12pct_read_met"] = bool(best and best["error"] <= max_error)
+    # the same with reads counted in bytes: a block's summaries (centroid + value_mean in their
+    # storage dtype) against one key + value of a bf16 cache; Quest's min/max rows at 1/2 key
+    byte = [r for r in summary if r["method"].startswith(_SUBLINEAR) and "keys_read_bytes" in r
+            and r["keys_read_bytes"] <= max_read and r["recall"] >= min_recall
+            and r.get("recall_b4", 1.0) >= min_recall]
+    best_b = min(byte, key=lambda r: r["error"], default=None)
+    out["best_cluster_at_max_read_bytes"] = best_b and {k: best_b[k] for k in (
+        "method", "plan", "keys_read", "keys_read_bytes", "recall", "recall_b4", "error")}
+    out["goal_error_at_12pct_read_bytes_met"] = bool(best_b and best_b["error"] <= max_error)
     quest = [(r["keys_read"], r["error"]) for r in summary if r["method"] == "quest"]
     comp = []
     for r in summary:
-        if r["method"] in ("cluster+rem+var", "cluster+rem") and r["cluster_size"] == 32:
+        if r["method"] in ("cluster+rem+var", "cluster+rem") + tuple(
+                m for m in _FIXED_OF if m.startswith(("scalar", "super"))) \
+                and r["cluster_size"] == 32:
             qe = _interp(quest, r["keys_read"])
             if qe is not None:
                 comp.append(dict(plan=r["plan"], method=r["method"], keys_read=r["keys_read"],
                                  error=r["error"], quest_error=qe, ratio=r["error"] / qe))
     out["vs_quest_at_equal_read"] = comp
-    fixed = [(r["keys_read"], r["error"]) for r in summary if r["method"] == "cluster-fixed+rem+var"]
+    out["goal_third_of_quest_met"] = bool(comp) and all(c["ratio"] <= 1 / 3 for c in comp)
     dyn = []
-    fixed_recall = [(r["keys_read"], r["recall"]) for r in summary
-                    if r["method"] == "cluster-fixed+rem+var"]
     for r in summary:
-        if r["method"] in ("cluster+rem+var", "cluster+rem+var+floor") and r["cluster_size"] == 32:
-            fe = _interp(fixed, r["keys_read"])
-            if fe is not None:
-                dyn.append(dict(method=r["method"], plan=r["plan"], keys_read=r["keys_read"],
-                                error=r["error"], fixed_budget_error=fe, recall=r["recall"],
-                                fixed_budget_recall=_interp(fixed_recall, r["keys_read"])))
+        fam = _FIXED_OF.get(r["method"])
+        if fam is None or r["cluster_size"] != 32:
+            continue
+        fixed = [(f["keys_read"], f["error"]) for f in summary if f["method"] == fam]
+        fixed_recall = [(f["keys_read"], f["recall"]) for f in summary if f["method"] == fam]
+        fixed_b4 = [(f["keys_read"], f["recall_b4"]) for f in summary
+                    if f["method"] == fam and "recall_b4" in f]
+        fe = _interp(fixed, r["keys_read"])
+        if fe is not None:
+            dyn.append(dict(method=r["method"], plan=r["plan"], keys_read=r["keys_read"],
+                            error=r["error"], fixed_budget_error=fe, recall=r["recall"],
+                            fixed_budget_recall=_interp(fixed_recall, r["keys_read"]),
+                            recall_b4=r.get("recall_b4"),
+                            fixed_budget_recall_b4=_interp(fixed_b4, r["keys_read"])
+                            if fixed_b4 and "recall_b4" in r else None,
+                            fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
+    for fam in ("scalar+rem+var+floor", "scalar+rem+var+floor@b1", "super+rem+var+floor@b1",
+                "super+rem+var+floor"):
+        d = [x for x in dyn if x["method"] == fam]
+        out[f"dynamic_beats_fixed[{fam}]"] = (
+            f"error lower at {sum(x['error'] < x['fixed_budget_error'] for x in d)}/{len(d)} "
+            f"points, recall (beta 4) higher at "
+            f"{sum((x['recall_b4'] or 0) > (x['fixed_budget_recall_b4'] or 1) for x in d)}/{len(d)}")
+    out["frontier"] = frontier(summary)
     return out
 
 
@@ -280,7 +388,7 @@ def summarize(rows):
     for (method, plan, cs, *_), rs in groups.items():
         agg = {k: float(np.mean([r[k] for r in rs])) for k in
                ("keys_read", "keys_attended", "recall", "recall_middle", "mass", "error",
-                "error_p90")}
+                "error_p90") + tuple(k for k in ("keys_read_bytes", "recall_b4") if k in rs[0])}
         agg.update(method=method, plan=plan, cluster_size=cs, beta=rs[0]["beta"],
                    capacity=rs[0]["capacity"], k=rs[0]["k"], pages=rs[0]["pages"],
                    recall_min=float(min(r["recall_min"] for r in rs)),
@@ -311,10 +419,12 @@ def plot(summary, path):
         else:
             x = [100 * r["keys_read"] for r in rs]
         axes[0].plot(x, [100 * r["error"] for r in rs], marker="o", ms=3, label=label, **style)
-        axes[1].plot(x, [r["recall"] for r in rs], marker="o", ms=3, label=label, **style)
+        axes[1].plot(x, [r.get("recall_b4", r["recall"]) for r in rs], marker="o", ms=3,
+                     label=label, **style)
     axes[0].set(xlabel="keys read (% of context)", ylabel="relative error of o (%)",
                 yscale="log", title="output error vs keys read")
-    axes[1].set(xlabel="keys read (% of context)", ylabel="recall of the flat DIPR set",
+    axes[1].set(xlabel="keys read (% of context)",
+                ylabel="recall of flat DIPR (beta 4 if measured)",
                 title="recall vs keys read")
     for ax in axes:
         ax.set_xlim(0, 40)
@@ -352,6 +462,24 @@ def main(argv=None):
     ap.add_argument("--probe", type=int, default=2)
     ap.add_argument("--floor", type=int, default=8,
                     help="clusters per query head always read (probed) in the +floor variant")
+    ap.add_argument("--betas-scalar", type=float, nargs="*", default=[1, 2, 3, 4, 5, 6],
+                    help="betas of the one-row (scalar variance) DIPR + floor variant")
+    ap.add_argument("--floors", type=int, nargs="*", default=[6, 8, 10, 12, 14, 16],
+                    help="floors swept at beta 1 (scalar variance summary)")
+    ap.add_argument("--budgets-scalar", type=float, nargs="*",
+                    default=[0.05, 0.07, 0.08, 0.1, 0.12, 0.15],
+                    help="fixed budgets for the scalar-variance fixed-capacity baseline")
+    ap.add_argument("--super-size", type=int, default=16, help="blocks per super-cluster")
+    ap.add_argument("--super-probe", type=int, default=5,
+                    help="super-clusters opened per query head")
+    ap.add_argument("--floors-super", type=int, nargs="*", default=[8, 10, 12, 13, 14, 15, 16, 18],
+                    help="floors swept at beta 1 with the super level (and the fixed baseline)")
+    ap.add_argument("--betas-super", type=float, nargs="*", default=[2, 3, 4, 5, 6],
+                    help="betas of the super-level DIPR + floor variant")
+    ap.add_argument("--floors-dipr", type=int, nargs="*", default=[4, 8],
+                    help="floors of the super-level DIPR + floor variant")
+    ap.add_argument("--floors-int8", type=int, nargs="*", default=[14, 16, 18],
+                    help="floors of the super level with int8 summaries")
     ap.add_argument("--only", nargs="*", default=None,
                     help="measure only these method families (e.g. cluster+rem+var+floor)")
     ap.add_argument("--merge-into", default=None,
