@@ -27,8 +27,11 @@ LENGTHS="${LENGTHS:-1024,2048,4096,8192}"
 SAMPLES="${SAMPLES:-100}"
 BATCH="${BATCH:-50}"
 BATCH_TOKENS="${BATCH_TOKENS:-204800}"  # 50 sequences up to 4K, 25 at 8K
-METHODS="${METHODS:-full,streaming,topk:64,topk:256,quest:8,dipr:4,dipr:8}"
-PPL_METHODS="${PPL_METHODS:-full,dipr-flat:8,dipr:4,dipr:8,topk:64,topk:512}"
+# dipr:8 = the index the optimizer picks for the shape (flat up to 8K with the H200 cost table);
+# dipr-cluster:8 = the cluster index with its margin calibrated on the prompt's last queries;
+# dipr-cluster:4:read:...: the accuracy recipe of attention.py (attends every key read)
+METHODS="${METHODS:-full,streaming,topk:64,topk:256,quest:8,dipr:8,dipr-cluster:8,dipr-cluster:4:read:remainder:var=0.5:probe=8}"
+PPL_METHODS="${PPL_METHODS:-full,dipr:8,dipr-cluster:8,dipr-cluster:4:read:remainder:var=0.5:probe=8,topk:64,topk:512}"
 BUDGET_S="${BUDGET_S:-520}"
 CC_DIR="${CC_DIR:-/tmp/alaya_jax_compile_cache}"
 PAR=$([[ "${PARALLEL_COMPILE:-1}" == 1 ]] && echo --parallel-compile || true)
