@@ -686,10 +686,16 @@ DELTA_GRID = tuple(float(x) for x in np.arange(-4.0, 16.01, 0.25))
 def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float = 0.0):
     """Recall of the flat DIPR set as a function of the margin delta, for one query.
 
-    q [B,H,D] -> (recall [len(DELTA_GRID), B, H], middle_recall [same]). The DIPR set is the
-    flat one with the index's sink and window; keys of the sink and tail are always read, a
-    block is read (for the whole kv group) once delta reaches
-    -max_g(est[g] - m'[g] + beta), and the probed blocks always.
+    q [B,H,D] -> (recall [len(DELTA_GRID), B, H], middle_recall [same]). The query's causal
+    length is store.lengths (pass a store whose lengths are the query's): it sees the keys at
+    positions < lengths. The DIPR set is the flat one over those keys with the index's sink
+    and window. Read as a decode step at that length would: the sink, the query's window and
+    the tail [end, lengths) always (m' = their max and the probed blocks'), a block (for the
+    whole kv group) once delta reaches -max_g(est[g] - m'[g] + beta), the probed blocks
+    always. Only the indexed keys at positions < lengths - window count as the index's (a
+    query earlier than the index's end neither needs nor probes the keys of its future, and
+    its window is read exactly), so with the store's own lengths every indexed key counts.
+    middle_recall: the recall of those indexed DIPR keys alone.
     """
     idx = store.cluster
     cfg = idx.config
@@ -697,31 +703,44 @@ def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float
     H = q.shape[1]
     G = H // K
     N, P = idx.num_blocks, cfg.block_size
-    s_all = scaled_scores(q, store.k)
-    kept, _, true_max = dipr_mask(s_all, store.lengths, beta, cfg.sink, cfg.window)
+    lengths = store.lengths
+    s_all = scaled_scores(q, store.k)  # [B,H,S]
+    kept, _, _ = dipr_mask(s_all, lengths, beta, cfg.sink, cfg.window)
     n_total = jnp.sum(kept, -1)  # [B,H]
-    ex = _exact_region(q, store, cfg.sink, idx.end, min(cfg.tail_capacity, S), store.lengths)
-    exact_max = _masked_max(ex.s, jnp.broadcast_to(ex.valid[:, None, :], ex.s.shape))
+    pos, valid = positions_mask(lengths, S)
+    always = valid & ((pos[None, :] < cfg.sink) | (pos[None, :] >= idx.end[:, None])
+                      | (pos[None, :] >= (lengths - cfg.window)[:, None]))  # [B,S]
+    exact_max = _masked_max(s_all, always[:, None, :])
     est = _rank_estimate(q, idx, centroid_scores(q, idx.centroid, idx.block_len), rank_std)
+    slot_pos = idx.positions  # [B,K,N,P], -1 padding
+    member = (jnp.arange(P)[None, None, None, :] < idx.block_len[..., None]) & (slot_pos >= 0)
+    seen = member & (slot_pos < lengths[:, None, None, None])  # visible to the query
     probe_max = jnp.full((B, H), MASK_VALUE, jnp.float32)
     forced = jnp.zeros((B, K, N), bool)
     if probe > 0:
         pid = jax.lax.top_k(est, min(probe, N))[1].reshape(B, K, -1).astype(jnp.int32)
         ps = gathered_scores(q, idx.keys, pid)
-        pv = jnp.repeat(valid_slots(idx.block_len, pid, jnp.full((B, K), pid.shape[-1]), P), G, 1)
+        pv = jnp.repeat(gather_blocks(seen, pid), G, 1)
         probe_max = jnp.max(jnp.where(pv, ps, MASK_VALUE), axis=(-2, -1))
         forced = _scatter_mask(B, K, N, pid, jnp.ones(pid.shape, bool))
     m_prime = jnp.maximum(exact_max, probe_max)
     rel = (est - (m_prime - beta)[..., None]).reshape(B, K, G, N).max(axis=2)  # [B,K,N]
     need = jnp.where(forced, -jnp.inf, -rel)  # block read iff delta >= need
-    s_blk = _scores_kv(q, idx.keys)  # [B,H,N,P]
-    members = jnp.repeat(jnp.arange(P)[None, None, None, :] < idx.block_len[..., None], G, 1)
-    is_dipr = members & (s_blk >= (true_max - beta)[..., None, None])
-    n_blk = jnp.sum(is_dipr, -1)  # [B,H,N] DIPR keys per block
-    n_mid = jnp.sum(n_blk, -1)  # [B,H]
+    # the index's keys for this query, and which of them the flat set keeps (gathered by
+    # position from the flat scores: no block scores)
+    mid = seen & (slot_pos < (lengths - cfg.window)[:, None, None, None])
+    flat_pos = jnp.where(mid, slot_pos, 0).reshape(B, K, N * P)
+    take = lambda kg, p: kg[:, p]  # [G,S], [N*P] -> [G,N*P]
+    in_set = jax.vmap(jax.vmap(take))(kept.reshape(B, K, G, S), flat_pos).reshape(B, K, G, N, P)
+    n_blk = jnp.sum(in_set & mid[:, :, None], -1, dtype=jnp.int32).reshape(B, H, N)
+    n_mid = jnp.sum(n_blk, -1)  # [B,H] indexed DIPR keys
     need_h = jnp.repeat(need, G, axis=1)  # [B,H,N]
     grid = jnp.asarray(DELTA_GRID, jnp.float32)
-    hits = jnp.sum(jnp.where(need_h[None] <= grid[:, None, None, None], n_blk[None], 0), -1)
+    # block n is read from the first grid point >= need on: a histogram over the grid, summed
+    first = jnp.searchsorted(grid, need_h, side="left")  # [B,H,N] in [0, len(grid)]
+    hist = jax.vmap(jax.vmap(lambda f, c: jnp.zeros((grid.shape[0] + 1,), jnp.int32)
+                             .at[f].add(c)))(first, n_blk)  # [B,H,grid+1]
+    hits = jnp.moveaxis(jnp.cumsum(hist[..., :-1], -1), -1, 0)  # [grid,B,H]
     recall = (n_total - n_mid + hits) / jnp.maximum(n_total, 1)
     mid_recall = jnp.where(n_mid > 0, hits / jnp.maximum(n_mid, 1), 1.0)
     return recall, mid_recall
@@ -729,28 +748,72 @@ def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float
 
 _recall_vs_delta_jit = jax.jit(_recall_vs_delta, static_argnames=("beta", "probe", "rank_std"))
 
+CALIBRATE_CHUNK_BYTES = 256 << 20  # per-chunk budget of the stacked queries' intermediates
+
+
+def _recall_curves(q, lengths, store: KVStore, beta: float, probe: int, rank_std: float,
+                   chunk: int):
+    """Every query's recall curves in one call: q [n,B,H,D], lengths [n,B] ->
+    (recall, middle_recall) [n, grid, B, H]; vmapped over chunks of `chunk` queries, the
+    chunks in sequence (lax.map)."""
+    f = jax.vmap(lambda qi, li: _recall_vs_delta(qi, store.replace(lengths=li), beta, probe,
+                                                 rank_std))
+    n = q.shape[0]
+    if chunk >= n:
+        return f(q, lengths)
+    m = -(-n // chunk)
+    pad = m * chunk - n  # padded with copies of the first query, dropped after
+    qp = jnp.concatenate([q, jnp.broadcast_to(q[:1], (pad,) + q.shape[1:])])
+    lp = jnp.concatenate([lengths, jnp.broadcast_to(lengths[:1], (pad,) + lengths.shape[1:])])
+    r, rm = jax.lax.map(lambda a: f(*a), (qp.reshape((m, chunk) + q.shape[1:]),
+                                         lp.reshape((m, chunk) + lengths.shape[1:])))
+    return (r.reshape((m * chunk,) + r.shape[2:])[:n], rm.reshape((m * chunk,) + rm.shape[2:])[:n])
+
+
+_recall_curves_jit = jax.jit(_recall_curves,
+                             static_argnames=("beta", "probe", "rank_std", "chunk"))
+
 
 def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float = 0.99,
                     probe: int = 2, rank_std: float = 0.0, lengths=None,
                     recall: str = "set", max_delta: float = DELTA_GRID[-1]):
     """The smallest margin delta whose mean recall of the flat DIPR set reaches the target.
 
-    queries: sequence of [B, H, D] sample queries of this layer (e.g. the q of the last prompt
-    positions, seen at prefill); lengths: matching sequence of [B] causal lengths (default:
-    the store's). recall: "set" (the DIPR set with sink and window, as DESIGN.md defines it)
-    or "middle" (only the indexed keys: stricter). Returns delta [H] f32 (one value per layer,
-    broadcast: the rule's union over a kv group couples the heads), searched on DELTA_GRID.
-    Store it with `store.replace(cluster=store.cluster.replace(delta=delta))`.
+    queries: sample queries of this layer (e.g. the q of the last prompt positions, seen at
+    prefill), either one array [n, B, H, D] or a sequence of n arrays [B, H, D]; lengths: their
+    causal lengths, [n, B] (or a sequence of n [B]; default: the store's). A query counts only
+    the keys at positions < its length (indexed keys of its future are neither needed nor
+    read). All n recall curves are computed in one jitted call (vmapped, in chunks of queries
+    whose intermediates fit CALIBRATE_CHUNK_BYTES). recall: "set" (the DIPR set with sink and
+    window, as DESIGN.md defines it) or "middle" (only the indexed keys: stricter). Returns
+    delta [H] f32 (one value per layer, broadcast: the rule's union over a kv group couples
+    the heads), searched on DELTA_GRID. Store it with
+    `store.replace(cluster=store.cluster.replace(delta=delta))`.
     """
     if recall not in ("set", "middle"):
         raise ConfigError(f"recall must be 'set' or 'middle', got {recall!r}")
-    curves = []
-    for i, q in enumerate(queries):
-        st = store if lengths is None else store.replace(lengths=jnp.asarray(lengths[i], jnp.int32))
-        r, rm = _recall_vs_delta_jit(q, st, float(beta), int(probe), float(rank_std))
-        curves.append(np.asarray(r if recall == "set" else rm))
-    mean = np.mean(np.stack(curves), axis=(0, 2, 3))  # [grid]
+    if isinstance(queries, (jax.Array, np.ndarray)):
+        q = jnp.asarray(queries)
+    else:
+        q = jnp.stack([jnp.asarray(x) for x in queries])
+    B, S, K, D = store.k.shape
+    if q.ndim != 4 or q.shape[1] != B or q.shape[3] != D:
+        raise ShapeError(f"queries must be [n, B={B}, H, D={D}] (or n arrays [B, H, D]); "
+                         f"got {q.shape}")
+    n, H = q.shape[0], q.shape[2]
+    if lengths is None:
+        lens = jnp.broadcast_to(store.lengths, (n, B))
+    elif isinstance(lengths, (jax.Array, np.ndarray)):
+        lens = jnp.asarray(lengths, jnp.int32)
+    else:
+        lens = jnp.stack([jnp.asarray(x, jnp.int32) for x in lengths])
+    if lens.shape != (n, B):
+        raise ShapeError(f"lengths must be [n={n}, B={B}] (or n arrays [B]); got {lens.shape}")
+    N, P = store.cluster.num_blocks, store.cluster.config.block_size
+    per_query = 4 * B * H * (N * P + S)  # the slots' DIPR flags and the scores, roughly
+    chunk = max(1, min(n, CALIBRATE_CHUNK_BYTES // per_query))
+    r, rm = _recall_curves_jit(q, lens, store, float(beta), int(probe), float(rank_std), chunk)
+    mean = np.mean(np.asarray(r if recall == "set" else rm), axis=(0, 2, 3))  # [grid]
     ok = np.nonzero(mean >= target_recall)[0]
     d = DELTA_GRID[ok[0]] if ok.size else max_delta
-    H = queries[0].shape[1]
     return jnp.full((H,), min(d, max_delta), jnp.float32)

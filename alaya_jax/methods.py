@@ -148,10 +148,10 @@ class SparseMethod:
                 # only queries that see every indexed key (positions >= length - window - 1):
                 # the index holds keys of an earlier query's future
                 n = q_all.shape[2]
-                cal = range(max(0, n - config.cluster.window - 1), n)
-                delta = calibrate_delta(store, [q_all[i, :, j] for j in cal], plan.beta,
+                j0 = max(0, n - config.cluster.window - 1)  # stacked: q [n,B,H,D], lengths [n,B]
+                delta = calibrate_delta(store, jnp.moveaxis(q_all[i, :, j0:], 1, 0), plan.beta,
                                         self.target_recall, plan.probe, plan.rank_std,
-                                        lengths=[q_len[:, j] for j in cal])
+                                        lengths=jnp.moveaxis(q_len[:, j0:], 1, 0))
                 store = store.replace(cluster=store.cluster.replace(delta=delta))
             # a dict with one array leaf, so a method without indexes still has a state
             states.append(dict(cluster=store.cluster, block=store.block,

@@ -196,3 +196,107 @@ def test_real_keys_smollm2():
             read.append(float(np.asarray(stats.keys_read).mean()) / (t + 1))
         assert hit / tot >= 0.97, (layer, hit / tot)
         assert np.mean(read) < 0.8, (layer, np.mean(read))
+
+
+# --- delta calibration: stacked queries, causal lengths ----------------------------------------
+
+
+def _brute_recall(q, st, L, beta, probe):
+    """Recall of the flat DIPR set at each DELTA_GRID point, by sets: q [B,H,D], L [B] the
+    query's causal length. Read: the sink, the window [L - window, L), the tail [end, L), the
+    probed blocks and every block whose margin rule passes at delta (m' = max over the sink,
+    window, tail and the probed blocks' keys at positions < L)."""
+    from alaya_jax.attention import DELTA_GRID
+    q, k = np.asarray(q, np.float32), np.asarray(st.k, np.float32)
+    idx, cfg = st.cluster, st.cluster.config
+    cen, blen = np.asarray(idx.centroid), np.asarray(idx.block_len)
+    spos, end = np.asarray(idx.positions), np.asarray(idx.end)
+    B, S, K, D = k.shape
+    H = q.shape[1]
+    G, N, P = H // K, blen.shape[2], cfg.block_size
+    grid = np.asarray(DELTA_GRID, np.float32)
+    out = np.zeros((len(grid), B, H))
+    pos = np.arange(S)
+    for b in range(B):
+        Lb = int(L[b])
+        valid = pos < Lb
+        always = valid & ((pos < cfg.sink) | (pos >= end[b]) | (pos >= Lb - cfg.window))
+        for kh in range(K):
+            hs = range(kh * G, kh * G + G)
+            s = {h: k[b, :, kh] @ q[b, h] / np.float32(math.sqrt(D)) for h in hs}
+            est = {h: np.where(blen[b, kh] > 0, cen[b, kh] @ q[b, h] / np.float32(math.sqrt(D)),
+                               -np.inf) for h in hs}
+            probed = sorted({int(i) for h in hs
+                             for i in np.argsort(-est[h], kind="stable")[:probe]})
+            members = [spos[b, kh, n, :blen[b, kh, n]] for n in range(N)]
+            seen_probed = np.concatenate([members[n] for n in probed] + [np.zeros(0, int)])
+            seen_probed = seen_probed[seen_probed < Lb]
+            m_prime = {h: max(s[h][always].max(initial=-np.inf),
+                              s[h][seen_probed].max(initial=-np.inf)) for h in hs}
+            need = -np.max([est[h] - (m_prime[h] - beta) for h in hs], axis=0)  # [N]
+            in_block = np.zeros((N, S), bool)  # [N,S] the block's members before L
+            for n in range(N):
+                in_block[n, members[n][members[n] < Lb]] = True
+            blocks_read = np.isin(np.arange(N), probed)[None, :] | (need[None, :] <= grid[:, None])
+            read = always[None, :] | (blocks_read.astype(int) @ in_block > 0)  # [grid,S]
+            for h in hs:
+                flat = valid & ((s[h] >= s[h][valid].max() - beta) | (pos < cfg.sink)
+                                | (pos >= Lb - cfg.window))
+                out[:, b, h] = (flat[None, :] & read).sum(-1) / max(flat.sum(), 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_case(case):
+    q, k, v, lengths, st = case
+    n = 5
+    rng = np.random.default_rng(7)
+    qs = jnp.asarray(q)[None] + 0.8 * jnp.asarray(rng.standard_normal((n,) + q.shape), q.dtype)
+    short = np.maximum(np.asarray(lengths)[None, :] - 7 * np.arange(n)[:, None], 3)  # [n,B]
+    return qs, st, jnp.asarray(short, jnp.int32)
+
+
+def test_calibrate_stacked_equals_sequence_and_brute_force(calib_case):
+    """One stacked call ([n,B,H,D], lengths [n,B]) gives every query's curves, the same
+    vmapped and in lax.map chunks, each the brute-force recall by sets (at the store's lengths
+    and shorter ones); the sequence form gives the same delta."""
+    from alaya_jax.attention import _recall_curves_jit, calibrate_delta
+    qs, st, short = calib_case
+    n = qs.shape[0]
+    store_len = jnp.broadcast_to(st.lengths, (n,) + st.lengths.shape)
+    r = np.asarray(_recall_curves_jit(qs, short, st, 4.0, 2, 0.0, n)[0])  # [n,grid,B,H]
+    np.testing.assert_array_equal(np.asarray(_recall_curves_jit(qs, short, st, 4.0, 2, 0.0, 2)[0]),
+                                  r)
+    for j in (0, n - 1):
+        np.testing.assert_allclose(r[j], _brute_recall(qs[j], st, np.asarray(short[j]), 4.0, 2),
+                                   atol=1e-6)
+    r0 = np.asarray(_recall_curves_jit(qs, store_len, st, 4.0, 2, 0.0, n)[0])
+    np.testing.assert_allclose(r0[1], _brute_recall(qs[1], st, np.asarray(st.lengths), 4.0, 2),
+                               atol=1e-6)
+    deltas = set()
+    for target in (0.9, 0.97, 0.995):
+        for lens in (None, short):
+            seq_len = None if lens is None else [np.asarray(x).tolist() for x in lens]
+            a = calibrate_delta(st, qs, 4.0, target, probe=2, lengths=lens)
+            b = calibrate_delta(st, list(qs), 4.0, target, probe=2, lengths=seq_len)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert a.shape == (qs.shape[2],)
+            deltas.add(float(a[0]))
+    assert len(deltas) > 1  # the targets reach different margins
+
+
+def test_calibrate_counts_only_keys_before_the_query(calib_case):
+    """A query shorter than the store counts neither the indexed keys of its future (its
+    recall is the brute-force one over the flat DIPR set at its length) nor the keys of its
+    window as the index's: the curves differ from the store-length ones and stay in [0, 1]."""
+    from alaya_jax.attention import _recall_curves_jit
+    qs, st, short = calib_case
+    n, j = qs.shape[0], 3  # query 3: lengths 49, 12, 3 against the store's 70, 33, 9
+    store_len = jnp.broadcast_to(st.lengths, (n,) + st.lengths.shape)
+    r, rm = (np.asarray(x[j]) for x in _recall_curves_jit(qs, short, st, 4.0, 2, 0.0, n))
+    np.testing.assert_allclose(r, _brute_recall(qs[j], st, np.asarray(short[j]), 4.0, 2),
+                               atol=1e-6)
+    assert (r >= 0).all() and (r <= 1).all() and (rm >= 0).all() and (rm <= 1).all()
+    full = np.asarray(_recall_curves_jit(qs, store_len, st, 4.0, 2, 0.0, n)[0][j])
+    assert not np.array_equal(r[:, 0], full[:, 0])
+    assert np.all(np.diff(r, axis=0) >= 0)  # a larger margin reads a superset
