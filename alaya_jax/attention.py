@@ -56,7 +56,7 @@ from alaya_jax.errors import ConfigError, PlanError, ShapeError
 from alaya_jax.index.block import (BlockConfig, BlockIndex, append_block_index, build_block_index,
                                    page_upper_bounds)
 from alaya_jax.index.cluster import attend_masked as _attend
-from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex, valid_slots,
+from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex,
                                      build_cluster_index, centroid_scores, fold_tail,
                                      gather_blocks, gathered_attention, gathered_scores, kept_mask,
                                      remainder_estimate, select_blocks)
