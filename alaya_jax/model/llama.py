@@ -185,6 +185,10 @@ def full_decode_attention(q, k, v, kv_len):
     return decode_attention_reference(q, k, v, kv_len)
 
 
+# The per-layer parameters as the model holds them (Q|K|V and gate|up fused).
+LAYER_PARAMS = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+
+
 class Llama(nnx.Module):
     """Llama decoder. Linear weights are stored [in, out]; Q|K|V are one matrix `wqkv`
     [E, (H + 2K) D] and gate|up one matrix `w_gate_up` [E, 2F] (`fused_layer_weights`).
@@ -232,8 +236,7 @@ class Llama(nnx.Module):
         return self.embed.get_value().dtype
 
     def layer_weights(self) -> dict[str, jax.Array]:
-        names = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
-        return {n: getattr(self, n).get_value() for n in names}
+        return {n: getattr(self, n).get_value() for n in LAYER_PARAMS}
 
     def __call__(self, tokens, positions, cache: KVCache, *, attention: AttentionFn | None = None,
                  first_chunk: bool = False, collect_qkv: bool = False, unroll: bool | None = None,

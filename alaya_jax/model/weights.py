@@ -20,7 +20,7 @@ from flax import nnx
 
 from alaya_jax.errors import ModelFileError, ShapeError, UnsupportedModelError
 from alaya_jax.model.config import LlamaConfig, config_from_gguf, config_from_hf
-from alaya_jax.model.llama import rope_inv_freq
+from alaya_jax.model.llama import LAYER_PARAMS, rope_inv_freq
 
 # Tensor types we load (dequantized by the gguf package); others are refused by name.
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
@@ -211,10 +211,9 @@ def assign_weights(model, weights: dict[str, np.ndarray]) -> None:
         if tuple(arr.shape) != shape:
             raise ShapeError(f"weight {name!r} has shape {tuple(arr.shape)}, the config expects {shape}")
     model_weights = fuse_layer_weights({n: weights[n] for n in expected})
-    layer_names = set(FUSED) | {n for n in per_layer if not any(n in p for p in FUSED.values())}
     for name, arr in model_weights.items():
         var = getattr(model, name)
-        if name in layer_names and not model.stacked:
+        if name in LAYER_PARAMS and not model.stacked:
             var.set_value(tuple(jnp.asarray(arr[i], dtype=dtype) for i in range(cfg.n_layers)))
         else:
             var.set_value(jnp.asarray(arr, dtype=dtype))
