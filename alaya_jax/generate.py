@@ -180,23 +180,36 @@ class _LoopStatic:
     sampling: Sampling
     attention: Any
     stop_ids: tuple[int, ...]
+    chunk: int = 8  # decode steps per fixed-trip inner loop (see _decode_loop_impl)
 
 
 def _decode_loop_impl(static: _LoopStatic, state, loop, n_steps):
-    """Runs up to n_steps decode steps (stopping early when every sequence is done)."""
+    """Runs up to n_steps decode steps (stopping early when every sequence is done).
+
+    Steps run in chunks of `static.chunk` under a fixed-trip `fori_loop`, inside a while loop
+    that checks for the end once per chunk; the last steps (fewer than a chunk) run one by
+    one. On a GPU a while loop's predicate is a device-to-host copy that stalls the launch
+    queue, so checking per chunk keeps the GPU fed. A chunk runs to its end even when every
+    sequence stopped inside it (the done mask keeps those steps from writing anything: at
+    most chunk - 1 wasted steps). A method with a cluster index folds its tail into the index
+    once per chunk (`SparseMethod.fold`), not per layer and step.
+    """
     model = nnx.merge(static.graphdef, state)
     stateful = hasattr(static.attention, "prepare")
-    attn = static.attention.decode if stateful else static.attention.decode_fn()
+    folds = stateful and hasattr(static.attention, "fold")
+    if folds:
+        attn = functools.partial(static.attention.decode, fold=False)
+    else:
+        attn = static.attention.decode if stateful else static.attention.decode_fn()
     stop = jnp.asarray(static.stop_ids or (-1,), jnp.int32)
     limit = loop["step"] + n_steps
+    width = loop["out"].shape[1]
+    chunk = max(1, static.chunk)
 
-    def cond(lp):
-        return (lp["step"] < limit) & (lp["step"] < lp["out"].shape[1]) & ~jnp.all(lp["done"])
-
-    def body(lp):
+    def step(lp):
         cache = lp["cache"]
         tok = lp["next"]  # [B] the token to feed now (already sampled)
-        out = lp["out"].at[:, lp["step"]].set(jnp.where(lp["done"], -1, tok))
+        out = lp["out"].at[:, lp["step"]].set(jnp.where(lp["done"], -1, tok), mode="drop")
         done = lp["done"] | jnp.isin(tok, stop) | (lp["step"] + 1 >= lp["max_new"])
         extra = {}
         if stateful:
@@ -219,7 +232,22 @@ def _decode_loop_impl(static: _LoopStatic, state, loop, n_steps):
         return dict(lp, cache=cache, next=nxt, out=out, done=done, key=key, step=lp["step"] + 1,
                     **extra)
 
-    return jax.lax.while_loop(cond, body, loop)
+    def fold(lp):
+        return dict(lp, attn=static.attention.fold(lp["attn"], lp["cache"], chunk)) if folds else lp
+
+    def whole_chunks(lp):
+        return ((lp["step"] + chunk <= limit) & (lp["step"] + chunk <= width)
+                & ~jnp.all(lp["done"]))
+
+    def run_chunk(lp):
+        return jax.lax.fori_loop(0, chunk, lambda _, x: step(x), fold(lp))
+
+    def one_by_one(lp):
+        return (lp["step"] < limit) & (lp["step"] < width) & ~jnp.all(lp["done"])
+
+    loop = jax.lax.while_loop(whole_chunks, run_chunk, loop)
+    loop = fold(loop)  # covers the < chunk steps left
+    return jax.lax.while_loop(one_by_one, step, loop)
 
 
 _decode_loop = jax.jit(_decode_loop_impl, static_argnums=(0,), donate_argnums=(2,))
@@ -233,7 +261,8 @@ def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tok
     the prefill's `queries` when it asks for them (`attention.calibration_queries`)."""
     attention = attention or FullAttention()
     graphdef, state = nnx.split(model)
-    static = _LoopStatic(graphdef, sampling, attention, tuple(stop_ids))
+    horizon = attention.fold_horizon() if hasattr(attention, "fold_horizon") else 1 << 30
+    static = _LoopStatic(graphdef, sampling, attention, tuple(stop_ids), chunk=min(8, horizon))
     B = first.shape[0]
     buf = _round_up(max(max_new_tokens, 1), 64)
     loop = dict(cache=cache, next=first, out=jnp.full((B, buf), -1, jnp.int32),

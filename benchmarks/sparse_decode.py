@@ -67,11 +67,12 @@ def parse_method(spec: str):
     if spec == "full":
         return aj.FullAttention()
     name, _, arg = spec.partition(":")
-    if name == "dipr":  # dipr:beta[:capacity_fraction[:impl]]
-        beta, _, rest = arg.partition(":")
-        cap, _, impl = rest.partition(":")
+    if name == "dipr":  # dipr:beta[:capacity_fraction[:impl[:compact]]]
+        beta, cap, impl, compact = (arg.split(":") + ["", "", ""])[:4]
+        # compact: blocks of cluster_size slots, 4 balance rounds (~1x the cache, not ~3x)
+        size = dict(block_size=32, balance_rounds=4) if compact == "compact" else {}
         return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
-                      impl=impl or "auto")
+                      impl=impl or "auto", **size)
     if name == "quest":
         return M.Quest(int(arg))
     raise SystemExit(f"unknown method {spec!r}")

@@ -201,3 +201,57 @@ def test_method_specs_name_the_index():
     fixed = parse_method("dipr-cluster:8:delta=3").attention
     assert fixed.plan.delta == 3.0 and fixed.calibration_queries == 0  # nothing to calibrate
     assert parse_method("dipr-flat:8").attention.plan.index == "flat"
+
+
+@pytest.mark.parametrize("n", [37, 8])
+def test_cluster_path_across_tail_folds_equals_flat_dipr(tiny_model, n):
+    """A tail of 12 slots with a 4-token window folds into the index every few steps of the
+    decode loop (chunks of 8 steps, one fold check per chunk; the last steps one by one).
+    With an unlimited margin the cluster path must keep answering the flat DIPR query
+    exactly (no token lost or counted twice across folds), and with beta = inf equal dense
+    attention."""
+    model, tok = tiny_model
+    kw = dict(cluster_size=4, sink=2, window=4, tail_capacity=12)
+    prompt = PROMPT[:24]  # 24 + 37 fit the tiny model's 64 positions
+    run = lambda m: aj.generate(model, tok, prompt, n, attention=m, stop_at_eos=False)  # noqa: E731
+    for beta, ref in ((1.5, M.DIPR(1.5, "flat", sink=2, window=4)), (float("inf"), None)):
+        want = run(ref)
+        got = run(M.DIPR(beta, "cluster", delta=float("inf"), **kw))
+        assert len(got.tokens[0]) == n
+        assert got.tokens == want.tokens, beta
+        assert got.attention_stats["truncated_layer_steps"] == 0
+        if ref is not None:
+            assert got.attention_stats["attended_fraction"] == pytest.approx(
+                want.attention_stats["attended_fraction"], rel=1e-6)
+
+
+def test_fold_moves_the_tail_once_for_every_layer(tiny_model):
+    """SparseMethod.fold: after it, every layer's index ends at length - window, and every
+    position below that sits in exactly one block (none lost, none twice)."""
+    model, tok = tiny_model
+    method = M.DIPR(2.0, "cluster", delta=1.0, cluster_size=4, sink=2, window=4, tail_capacity=12)
+    tokens = np.array([PROMPT + [5] * 10], np.int32)
+    cache = aj.KVCache.zeros(model.cfg, 1, 128, model.dtype)
+    from alaya_jax.generate import prefill
+    _, cache = prefill(model, tokens[:, :50], np.array([50]), cache, chunk=16)
+    state = method.prepare(cache, model.cfg.n_heads)
+    cache = cache.replace(lengths=cache.lengths + 10)  # 10 more tokens cached (positions 50-59)
+    _, cache_full = prefill(model, tokens, np.array([60]), aj.KVCache.zeros(model.cfg, 1, 128, model.dtype),
+                            chunk=16)
+    cache = cache.replace(k=cache_full.k, v=cache_full.v)
+    before = state if isinstance(state, tuple) else (state,)
+    assert int(np.asarray(before[0]["cluster"].end)[..., 0].max()) == 46
+    folded = method.fold(state, cache, 8)
+    layers = folded if isinstance(folded, tuple) else [
+        jax.tree.map(lambda a: a[i], folded) for i in range(cache.n_layers)]
+    for st in layers:
+        c = st["cluster"]
+        assert np.asarray(c.end).tolist() == [56]
+        pos = np.asarray(c.positions)[0]  # [K, N, P]
+        for kh in range(pos.shape[0]):
+            got = np.sort(pos[kh][pos[kh] >= 0])
+            np.testing.assert_array_equal(got, np.arange(2, 56))
+    # nothing due: the state is returned unchanged
+    again = method.fold(folded, cache, 0)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(folded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -508,6 +508,16 @@ def build_cluster_index(k, v, lengths, config: ClusterConfig, n_heads: int | Non
 # ----------------------------------------------------------------------------- append
 
 
+def tail_slices(index: ClusterIndex, k, v):
+    """The positional-cache tokens a fold may move: (kt, vt [B, A, K, D], start [B]), the A =
+    min(tail_capacity, S) tokens from each sequence's index end (clamped into the cache)."""
+    B, S, K, D = k.shape
+    A = min(index.config.tail_capacity, S)
+    start = jnp.clip(index.end, 0, max(S - A, 0))
+    take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, A, axis=0))
+    return take(k, start), take(v, start), start
+
+
 def fold_tail(index: ClusterIndex, k, v, lengths) -> ClusterIndex:
     """Moves the tail tokens [end, length - window) into the index (each to the nearest
     non-full block by the config's metric; a new block when none has room) and advances end.
@@ -515,12 +525,16 @@ def fold_tail(index: ClusterIndex, k, v, lengths) -> ClusterIndex:
     k, v [B, S, K, D] positional cache holding the tail; lengths [B]. Jittable. At most
     tail_capacity tokens move per call (the tail never holds more between folds).
     """
+    return fold_tail_slices(index, *tail_slices(index, k, v), lengths)
+
+
+def fold_tail_slices(index: ClusterIndex, kt, vt, start, lengths) -> ClusterIndex:
+    """`fold_tail` on the slices `tail_slices` took (kt, vt [B, A, K, D], start [B]): a caller
+    that decides whether to fold under `lax.cond` passes only these, not the whole cache."""
     cfg = index.config
-    B, S, K, D = k.shape
-    A = min(cfg.tail_capacity, S)
+    B, A, K, D = kt.shape
     P = cfg.block_size
     new_end = jnp.maximum(index.end, lengths - cfg.window)  # [B]
-    start = jnp.clip(index.end, 0, max(S - A, 0))
 
     def one_head(state, L, kt, vt, tpos, todo):
         # state: per-block arrays of one (b, k); kt, vt [A, D]; tpos [A]; todo [A] bool
@@ -559,16 +573,14 @@ def fold_tail(index: ClusterIndex, k, v, lengths) -> ClusterIndex:
 
         return jax.lax.fori_loop(0, A, body, state)
 
-    def one_seq(fields, Lb, kb, vb, st, e0, e1):
-        kt = jax.lax.dynamic_slice_in_dim(kb, st, A, axis=0)  # [A, K, D]
-        vt = jax.lax.dynamic_slice_in_dim(vb, st, A, axis=0)
+    def one_seq(fields, Lb, kb, vb, st, e0, e1):  # kb, vb [A, K, D]
         tpos = st + jnp.arange(A, dtype=jnp.int32)
         todo = (tpos >= e0) & (tpos < e1)
-        return jax.vmap(one_head, in_axes=(0, 0, 1, 1, None, None))(fields, Lb, kt, vt, tpos, todo)
+        return jax.vmap(one_head, in_axes=(0, 0, 1, 1, None, None))(fields, Lb, kb, vb, tpos, todo)
 
     fields = (index.keys, index.values, index.positions, index.block_len, index.centroid,
               index.key_var, index.value_mean, index.cluster_id)
-    out = jax.vmap(one_seq)(fields, index.transform, k, v, start, index.end, new_end)
+    out = jax.vmap(one_seq)(fields, index.transform, kt, vt, start, index.end, new_end)
     keys, vals, positions, blen, cent, var, vmean, cid = out
     if cfg.var_summary == "scalar":  # keep the rank-1 form: the scalar update above is exact
         var = scalar_variance(var, variance_summary(index)[1])
