@@ -73,6 +73,8 @@ def parse_method(spec: str):
         size = dict(block_size=32, balance_rounds=4) if compact == "compact" else {}
         return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
                       impl=impl or "auto", **size)
+    if name == "dipr-auto":  # dipr-auto:beta: the optimizer's plan for each context
+        return M.DIPR(float(arg), "auto")
     if name == "quest":
         return M.Quest(int(arg))
     raise SystemExit(f"unknown method {spec!r}")
