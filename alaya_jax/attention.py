@@ -57,7 +57,7 @@ from alaya_jax.index.block import (BlockConfig, BlockIndex, append_block_index, 
                                    page_upper_bounds)
 from alaya_jax.index.cluster import attend_masked as _attend
 from alaya_jax.index.cluster import (ClusterConfig, ClusterIndex,
-                                     build_cluster_index, centroid_scores, fold_tail,
+                                     build_cluster_index, centroid_scores, fold_tail, take_windows,
                                      gather_blocks, gathered_attention, gathered_scores, kept_mask,
                                      remainder_estimate, select_blocks)
 
@@ -310,7 +310,7 @@ def _take_tokens(x, start, size):
     """x [B,S,K,D], start [B] -> ([B,K,size,D], pos [B,size]); start clamped into range."""
     S = x.shape[1]
     st = jnp.clip(start, 0, S - size)
-    out = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, size, axis=0))(x, st)
+    out = take_windows(x, st, size)
     return out.transpose(0, 2, 1, 3), st[:, None] + jnp.arange(size, dtype=jnp.int32)[None, :]
 
 
@@ -404,11 +404,11 @@ def _block_gather(store: KVStore, kept, P):
     """Pages of the positional cache.  kept [B,K,cap] -> keys, values [B,K,cap,P,D], pos."""
     B, S, K, D = store.k.shape
     pos = kept[..., None] * P + jnp.arange(P, dtype=jnp.int32)  # [B,K,cap,P]
-    kt = store.k.transpose(0, 2, 1, 3)  # [B,K,S,D]
-    vt = store.v.transpose(0, 2, 1, 3)
-    flat = jnp.clip(pos, 0, S - 1).reshape(B, K, -1)
-    gk = jnp.take_along_axis(kt, flat[..., None], axis=2).reshape(pos.shape + (D,))
-    gv = jnp.take_along_axis(vt, flat[..., None], axis=2).reshape(pos.shape + (D,))
+    # rows of the cache seen as [B*S*K, D]: a plain row gather, no transposed copy of the cache
+    rows = ((jnp.arange(B)[:, None, None, None] * S + jnp.clip(pos, 0, S - 1)) * K
+            + jnp.arange(K)[None, :, None, None])
+    gk = jnp.take(store.k.reshape(B * S * K, D), rows, axis=0)  # [B,K,cap,P,D]
+    gv = jnp.take(store.v.reshape(B * S * K, D), rows, axis=0)
     return gk, gv, pos
 
 

@@ -62,11 +62,23 @@ def check_decode_shapes(q, k, v, lengths=None):
     return B, S, H, K, D
 
 
+def _reduce_not_dot() -> bool:
+    """On a GPU, products with a positional cache [B,S,K,D] are written as multiply + reduce:
+    as a dot with batch dims (b, k), XLA first copies the whole cache into [B,K,S,D] (the
+    batch dims must be major), which at 8B shapes and 128K doubled the time of a flat DIPR
+    decode step (H200: 18.2 ms vs 8.3 for cuDNN full attention). A one-query product is
+    memory-bound either way; the reduce reads the cache once, in place. Trace-time choice."""
+    return jax.default_backend() == "gpu"
+
+
 def scaled_scores(q, k):
     """s = q.k / sqrt(D) in f32.  q [B,H,D], k [B,S,K,D] -> [B,H,S]."""
     B, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
+    if _reduce_not_dot():
+        s = jnp.sum(qg[:, None] * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [B,S,K,G]
+        return (jnp.moveaxis(s, 1, -1) / math.sqrt(D)).reshape(B, H, S)
     s = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
     return s.reshape(B, H, S)
 
@@ -82,7 +94,12 @@ def masked_attention(scores, mask, v):
     m = jnp.max(s, axis=-1)  # [B,H]
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)  # masked entries exactly 0
     l = jnp.sum(p, axis=-1)  # [B,H]
-    pv = jnp.einsum("bkgs,bskd->bkgd", p.reshape(B, K, H // K, S), v.astype(jnp.float32))
+    pg = p.reshape(B, K, H // K, S)
+    if _reduce_not_dot():  # see _reduce_not_dot
+        pv = jnp.sum(jnp.moveaxis(pg, -1, 1)[..., None] * v.astype(jnp.float32)[:, :, :, None, :],
+                     axis=1)  # [B,K,G,D]
+    else:
+        pv = jnp.einsum("bkgs,bskd->bkgd", pg, v.astype(jnp.float32))
     return normalize(pv.reshape(B, H, D), l, m)
 
 

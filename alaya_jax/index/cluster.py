@@ -508,14 +508,22 @@ def build_cluster_index(k, v, lengths, config: ClusterConfig, n_heads: int | Non
 # ----------------------------------------------------------------------------- append
 
 
+def take_windows(x, start, size: int):
+    """x [B, S, ...], start [B] (in range) -> [B, size, ...]: one dynamic slice per sequence.
+    (A vmapped dynamic slice becomes a gather with a batch dim, which XLA on a GPU served by
+    first transposing the whole cache: measured as two full K/V copies per layer and step.)"""
+    tail = (0,) * (x.ndim - 2)
+    return jnp.concatenate([jax.lax.dynamic_slice(x, (b, start[b], *tail), (1, size) + x.shape[2:])
+                            for b in range(x.shape[0])], axis=0)
+
+
 def tail_slices(index: ClusterIndex, k, v):
     """The positional-cache tokens a fold may move: (kt, vt [B, A, K, D], start [B]), the A =
     min(tail_capacity, S) tokens from each sequence's index end (clamped into the cache)."""
     B, S, K, D = k.shape
     A = min(index.config.tail_capacity, S)
     start = jnp.clip(index.end, 0, max(S - A, 0))
-    take = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, A, axis=0))
-    return take(k, start), take(v, start), start
+    return take_windows(k, start, A), take_windows(v, start, A), start
 
 
 def fold_tail(index: ClusterIndex, k, v, lengths) -> ClusterIndex:
