@@ -176,7 +176,8 @@ def profile_decode(model, context: int, steps: int, method) -> dict:
             n = int(np.prod([int(x) for x in m.group(2).split(",") if x] or [1]))
             nbytes = n * {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "pred": 1}.get(m.group(1), 4)
             if nbytes > 1 << 20:
-                copies.append(line.strip()[:160])
+                op = re.search(r'op_name="([^"]*)"', line)
+                copies.append(line.strip()[:120] + (" | " + op.group(1)[-200:] if op else ""))
     run = lambda lp: _decode_loop(static, state, dict(lp, step=jnp.int32(0),
                                                       done=jnp.zeros((1,), bool)), jnp.int32(steps))
     loop = run(loop)  # compile + warm up

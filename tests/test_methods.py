@@ -114,7 +114,8 @@ def test_prepare_calibrates_a_finite_delta_per_layer(tiny_model, prefilled):
     assert len(deltas) == model.cfg.n_layers and np.all(np.isfinite(deltas))
     for i in range(model.cfg.n_layers):
         k, v = cache.layer(i)
-        cluster = jax.tree.map(lambda a: a[i], state["cluster"])
+        cluster = (state[i]["cluster"] if isinstance(state, tuple)  # per-layer (GPU) or stacked
+                   else jax.tree.map(lambda a: a[i], state["cluster"]))
         want = calibrate_delta(KVStore(k, v, cache.lengths, cluster),
                                [qs.q[i, :, j] for j in range(n)], 2.0, method.target_recall,
                                method.plan.probe, lengths=[qs.lengths[:, j] for j in range(n)])
