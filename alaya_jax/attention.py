@@ -303,15 +303,34 @@ class _Exact(NamedTuple):
     s: jax.Array  # [B,H,M] scores
     pos: jax.Array  # [B,M] positions
     valid: jax.Array  # [B,M]
-    v: jax.Array  # [B,K,M,D]
+    v: jax.Array  # [B,M,K,D] (positional order, as sliced from the cache)
 
 
 def _take_tokens(x, start, size):
-    """x [B,S,K,D], start [B] -> ([B,K,size,D], pos [B,size]); start clamped into range."""
+    """x [B,S,K,D], start [B] -> ([B,size,K,D], pos [B,size]); start clamped into range."""
     S = x.shape[1]
     st = jnp.clip(start, 0, S - size)
-    out = take_windows(x, st, size)
-    return out.transpose(0, 2, 1, 3), st[:, None] + jnp.arange(size, dtype=jnp.int32)[None, :]
+    return take_windows(x, st, size), st[:, None] + jnp.arange(size, dtype=jnp.int32)[None, :]
+
+
+def _attend_exact(s, mask, v):
+    """s, mask [B,H,M], v [B,M,K,D] (the exact region's values) -> AttentionOut.
+
+    Multiply + reduce, no transpose or batched dot: slices of the positional cache feeding a
+    transpose or a (b, k)-batched dot made XLA on a GPU keep the whole cache in a transposed
+    layout (a copy of every layer's K and V per step: 1.3 ms per 2 layers at 128K, H200)."""
+    B, H, M = s.shape
+    K, D = v.shape[2], v.shape[3]
+    s = jnp.where(mask, s, MASK_VALUE)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    l = jnp.sum(p, axis=-1)
+    pm = jnp.moveaxis(p.reshape(B, K, H // K, M), -1, 1)  # [B,M,K,G]
+    vf = v.astype(jnp.float32)
+    # one 4-D product per query head of a group: jitted on the CPU (jax 0.10.2), the same sum
+    # written as one 5-D broadcast after a reshape returned wrong values (see _exact_region)
+    acc = jnp.stack([jnp.sum(pm[:, :, :, g, None] * vf, axis=1) for g in range(H // K)], axis=2)
+    return normalize(acc.reshape(B, H, D), l, m)  # acc [B,K,G,D]
 
 
 def _exact_region(q, store: KVStore, sink: int, tail_start, tail_size: int, lengths) -> _Exact:
@@ -319,19 +338,23 @@ def _exact_region(q, store: KVStore, sink: int, tail_start, tail_size: int, leng
     B, S, K, D = store.k.shape
     s0 = min(sink, S)
     tsz = min(tail_size, S)
-    ks = store.k[:, :s0].transpose(0, 2, 1, 3)
-    vs = store.v[:, :s0].transpose(0, 2, 1, 3)
     ps = jnp.broadcast_to(jnp.arange(s0, dtype=jnp.int32), (B, s0))
     kt, pt = _take_tokens(store.k, tail_start, tsz)
     vt, _ = _take_tokens(store.v, tail_start, tsz)
-    kk = jnp.concatenate([ks, kt], axis=2)  # [B,K,M,D]
-    vv = jnp.concatenate([vs, vt], axis=2)
+    kk = jnp.concatenate([store.k[:, :s0], kt], axis=1)  # [B,M,K,D], no transpose (_attend_exact)
+    vv = jnp.concatenate([store.v[:, :s0], vt], axis=1)
     pos = jnp.concatenate([ps, pt], axis=1)  # [B,M]
     in_sink = jnp.arange(s0 + tsz)[None, :] < s0
     valid = (pos < lengths[:, None]) & (in_sink | ((pos >= tail_start[:, None]) & (pos >= s0)))
     H = q.shape[1]
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
-    s = jnp.einsum("bkgd,bkmd->bkgm", qg, kk.astype(jnp.float32)) / math.sqrt(D)
+    kf = kk.astype(jnp.float32)
+    # per query head of a group, a 4-D multiply + reduce ([B,M,K,G] after the stack). Jitted on
+    # the CPU (jax 0.10.2), sum(kf[:, :, :, None] * q.reshape(B,K,G,D)[:, None], -1) returned
+    # wrong scores (off by up to ~40 on real keys; eager was right): caught by
+    # test_real_keys_smollm2.
+    s = jnp.stack([jnp.sum(kf * qg[:, None, :, g, :], axis=-1) for g in range(H // K)], axis=-1)
+    s = jnp.moveaxis(s, 1, -1) / math.sqrt(D)
     return _Exact(s.reshape(B, H, -1), pos, valid, vv)
 
 
@@ -391,7 +414,7 @@ def _streaming_path(q, store, plan):
     w = max(plan.window, 1)
     ex = _exact_region(q, store, plan.sink, jnp.maximum(lengths - plan.window, plan.sink), w, lengths)
     valid = jnp.broadcast_to(ex.valid[:, None, :], ex.s.shape)
-    out = _attend(ex.s, valid, ex.v)
+    out = _attend_exact(ex.s, valid, ex.v)
     n = _count_bk(jnp.broadcast_to(ex.valid[:, None], (B, K) + ex.valid.shape[1:]), K)
     stats = Stats(jnp.sum(valid, -1).astype(jnp.int32), n, _zeros_bk(B, K), _zeros_bk(B, K),
                   _zeros_bk(B, K), jnp.full((B, H), MASK_VALUE, jnp.float32),
@@ -545,7 +568,7 @@ def _sparse_path(q, store: KVStore, plan: Plan):
     else:
         gathered = _attend(gs.reshape(B, H, cap_ * P), g_mask.reshape(B, H, cap_ * P),
                            gv.reshape(B, K, cap_ * P, D))
-    parts = [_attend(ex.s, ex_mask, ex.v), gathered]
+    parts = [_attend_exact(ex.s, ex_mask, ex.v), gathered]
     if plan.remainder:
         read = kept_mask(kept, kept_count, N)
         if opened is not None:  # unopened supers are estimated from their own summaries

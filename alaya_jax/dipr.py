@@ -62,13 +62,32 @@ def check_decode_shapes(q, k, v, lengths=None):
     return B, S, H, K, D
 
 
-def _reduce_not_dot() -> bool:
-    """On a GPU, products with a positional cache [B,S,K,D] are written as multiply + reduce:
-    as a dot with batch dims (b, k), XLA first copies the whole cache into [B,K,S,D] (the
-    batch dims must be major), which at 8B shapes and 128K doubled the time of a flat DIPR
-    decode step (H200: 18.2 ms vs 8.3 for cuDNN full attention). A one-query product is
-    memory-bound either way; the reduce reads the cache once, in place. Trace-time choice."""
+def _plain_gemm() -> bool:
+    """On a GPU, products with a positional cache [B,S,K,D] run as plain GEMMs against a
+    block-diagonal expansion of the other operand (the K kv heads side by side: K x the
+    FLOPs of a one-query product, which is memory-bound anyway). Written as a dot with batch
+    dims (b, k), XLA first copies the whole cache into [B,K,S,D] (batch dims must be major):
+    at 8B shapes and 128K that doubled a flat DIPR decode step (H200: 18.2 ms vs 8.3 for cuDNN
+    full attention); multiply + reduce avoided the copy but ran at ~1/10 of the bandwidth.
+    Trace-time choice; the CPU keeps the batched einsum."""
     return jax.default_backend() == "gpu"
+
+
+def _gemm(spec, a, cache_part):
+    """einsum(spec, a, cache_part) with f32 results: a bf16/f16 cache runs a tensor-core GEMM
+    in its own dtype (the other operand rounded to it, f32 accumulation; as cuDNN's attention
+    does), an f32 cache a full-precision f32 GEMM."""
+    if cache_part.dtype in (jnp.bfloat16, jnp.float16):
+        return jnp.einsum(spec, a.astype(cache_part.dtype), cache_part,
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, a.astype(jnp.float32), cache_part.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _block_diagonal(x, K: int):
+    """x [B,K,G,D] -> [B,K*D,K*G]: block k holds x[:, k].T, zeros elsewhere."""
+    return jnp.einsum("bkgd,kj->bkdjg", x, jnp.eye(K, dtype=x.dtype)).reshape(
+        x.shape[0], K * x.shape[3], K * x.shape[2])
 
 
 def scaled_scores(q, k):
@@ -76,9 +95,8 @@ def scaled_scores(q, k):
     B, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
-    if _reduce_not_dot():
-        s = jnp.sum(qg[:, None] * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [B,S,K,G]
-        return (jnp.moveaxis(s, 1, -1) / math.sqrt(D)).reshape(B, H, S)
+    if _plain_gemm():
+        return _gemm("bch,bsc->bhs", _block_diagonal(qg, K), k.reshape(B, S, K * D)) / math.sqrt(D)
     s = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
     return s.reshape(B, H, S)
 
@@ -95,9 +113,9 @@ def masked_attention(scores, mask, v):
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)  # masked entries exactly 0
     l = jnp.sum(p, axis=-1)  # [B,H]
     pg = p.reshape(B, K, H // K, S)
-    if _reduce_not_dot():  # see _reduce_not_dot
-        pv = jnp.sum(jnp.moveaxis(pg, -1, 1)[..., None] * v.astype(jnp.float32)[:, :, :, None, :],
-                     axis=1)  # [B,K,G,D]
+    if _plain_gemm():  # [B,H,S] x [B,S,K*D] -> [B,H,K*D], then each head's own kv block
+        full = _gemm("bhs,bsc->bhc", p, v.reshape(B, S, K * D)).reshape(B, K, H // K, K, D)
+        pv = jnp.einsum("bkgjd,kj->bkgd", full, jnp.eye(K, dtype=full.dtype))
     else:
         pv = jnp.einsum("bkgs,bskd->bkgd", pg, v.astype(jnp.float32))
     return normalize(pv.reshape(B, H, D), l, m)

@@ -240,7 +240,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     o_g, lse_g, n_g = ga.gathered_attention(q, idx.keys, idx.values, idx.block_len, kept,
                                             kept_count, threshold, config=config.attention,
                                             with_counts=True, **kw)
-    parts = [attend_masked(ex.s, ex_mask, ex.v), AttentionOut(o_g, lse_g)]
+    parts = [A._attend_exact(ex.s, ex_mask, ex.v), AttentionOut(o_g, lse_g)]
     if plan.remainder:
         parts.append(remainder_estimate(q, est, (idx.block_len, idx.key_var, idx.value_mean),
                                         kept_mask(kept, kept_count, N),
