@@ -74,14 +74,20 @@ def _plain_gemm() -> bool:
 
 
 def _gemm(spec, a, cache_part):
-    """einsum(spec, a, cache_part) with f32 results: a bf16/f16 cache runs a tensor-core GEMM
-    in its own dtype (the other operand rounded to it, f32 accumulation; as cuDNN's attention
-    does), an f32 cache a full-precision f32 GEMM."""
+    """einsum(spec, a, cache_part) in f32 accuracy (spec's first letter: a stacking axis of
+    size 2 or 1 that _gemm adds to a). A bf16/f16 cache runs tensor-core GEMMs
+    in its own dtype with f32 accumulation on a split a = hi + lo (both rounded to that dtype:
+    the cache's values are exact in it, so the products are exact up to lo's rounding, ~2^-16
+    relative for bf16), one GEMM with hi and lo stacked on a's free axis; an f32 cache runs a
+    full-precision f32 GEMM."""
     if cache_part.dtype in (jnp.bfloat16, jnp.float16):
-        return jnp.einsum(spec, a.astype(cache_part.dtype), cache_part,
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum(spec, a.astype(jnp.float32), cache_part.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+        a = a.astype(jnp.float32)
+        hi = a.astype(cache_part.dtype)
+        lo = (a - hi.astype(jnp.float32)).astype(cache_part.dtype)
+        both = jnp.einsum(spec, jnp.stack([hi, lo]), cache_part, preferred_element_type=jnp.float32)
+        return both[0] + both[1]
+    return jnp.einsum(spec, a.astype(jnp.float32)[None], cache_part.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)[0]
 
 
 def _block_diagonal(x, K: int):
@@ -96,7 +102,7 @@ def scaled_scores(q, k):
     S, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
     if _plain_gemm():
-        return _gemm("bch,bsc->bhs", _block_diagonal(qg, K), k.reshape(B, S, K * D)) / math.sqrt(D)
+        return _gemm("xbch,bsc->xbhs", _block_diagonal(qg, K), k.reshape(B, S, K * D)) / math.sqrt(D)
     s = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
     return s.reshape(B, H, S)
 
@@ -114,7 +120,7 @@ def masked_attention(scores, mask, v):
     l = jnp.sum(p, axis=-1)  # [B,H]
     pg = p.reshape(B, K, H // K, S)
     if _plain_gemm():  # [B,H,S] x [B,S,K*D] -> [B,H,K*D], then each head's own kv block
-        full = _gemm("bhs,bsc->bhc", p, v.reshape(B, S, K * D)).reshape(B, K, H // K, K, D)
+        full = _gemm("xbhs,bsc->xbhc", p, v.reshape(B, S, K * D)).reshape(B, K, H // K, K, D)
         pv = jnp.einsum("bkgjd,kj->bkgd", full, jnp.eye(K, dtype=full.dtype))
     else:
         pv = jnp.einsum("bkgs,bskd->bkgd", pg, v.astype(jnp.float32))
