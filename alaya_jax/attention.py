@@ -51,7 +51,7 @@ import numpy as np
 
 from alaya_jax.dipr import (MASK_VALUE, always_kept, check_decode_shapes, dipr_mask,
                             masked_attention, merge_attention, normalize, positions_mask,
-                            scaled_scores)
+                            scaled_scores, softmax_parts)
 from alaya_jax.errors import ConfigError, PlanError, ShapeError
 from alaya_jax.index.block import (BlockConfig, BlockIndex, append_block_index, build_block_index,
                                    page_upper_bounds)
@@ -321,10 +321,7 @@ def _attend_exact(s, mask, v):
     layout (a copy of every layer's K and V per step: 1.3 ms per 2 layers at 128K, H200)."""
     B, H, M = s.shape
     K, D = v.shape[2], v.shape[3]
-    s = jnp.where(mask, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    l = jnp.sum(p, axis=-1)
+    p, l, m = softmax_parts(s, mask)
     pm = jnp.moveaxis(p.reshape(B, K, H // K, M), -1, 1)  # [B,M,K,G]
     vf = v.astype(jnp.float32)
     # one 4-D product per query head of a group: jitted on the CPU (jax 0.10.2), the same sum

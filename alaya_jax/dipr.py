@@ -107,6 +107,15 @@ def scaled_scores(q, k):
     return s.reshape(B, H, S)
 
 
+def softmax_parts(scores, mask):
+    """scores, mask [..., M] -> (p [..., M] = exp(s - m) with masked entries exactly 0,
+    l = sum p [...], m = the masked max [...]): the pieces `normalize` turns into attention."""
+    s = jnp.where(mask, scores, MASK_VALUE)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    return p, jnp.sum(p, axis=-1), m
+
+
 def masked_attention(scores, mask, v):
     """Softmax attention over the masked scores of a positional cache.
 
@@ -114,10 +123,7 @@ def masked_attention(scores, mask, v):
     """
     B, H, S = scores.shape
     K, D = v.shape[2], v.shape[3]
-    s = jnp.where(mask, scores, MASK_VALUE)
-    m = jnp.max(s, axis=-1)  # [B,H]
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)  # masked entries exactly 0
-    l = jnp.sum(p, axis=-1)  # [B,H]
+    p, l, m = softmax_parts(scores, mask)
     pg = p.reshape(B, K, H // K, S)
     if _plain_gemm():  # [B,H,S] x [B,S,K*D] -> [B,H,K*D], then each head's own kv block
         full = _gemm("xbhs,bsc->xbhc", p, v.reshape(B, S, K * D)).reshape(B, K, H // K, K, D)

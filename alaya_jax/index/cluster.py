@@ -47,7 +47,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from alaya_jax.dipr import MASK_VALUE, AttentionOut, normalize
+from alaya_jax.dipr import MASK_VALUE, AttentionOut, normalize, softmax_parts
 from alaya_jax.errors import ConfigError, ShapeError
 
 _METRICS = ("l2", "cosine")
@@ -672,10 +672,7 @@ def attend_masked(s, mask, gv):
     """s, mask [B,H,M], gv [B,K,M,D] -> AttentionOut."""
     B, H, M = s.shape
     K, D = gv.shape[1], gv.shape[3]
-    s = jnp.where(mask, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    l = jnp.sum(p, axis=-1)
+    p, l, m = softmax_parts(s, mask)
     acc = jnp.einsum("bkgm,bkmd->bkgd", p.reshape(B, K, H // K, M), gv.astype(jnp.float32))
     return normalize(acc.reshape(B, H, D), l, m)
 
