@@ -240,6 +240,10 @@ def methods_for(args):
             **read), main, True))
     for frac in args.budgets:  # fixed budget: the same number of top clusters every step
         cap = max(1, int(round(frac * T / args.main_cluster_size)))
+        # without the remainder estimate: selection alone, DIPR's rule (family "cluster") against
+        # the same number of top clusters every step
+        ms.append(Method("cluster-fixed", Plan.dipr(4.0, index="cluster", delta=1e4, capacity=cap,
+                                                    **read), main))
         ms.append(Method("cluster-fixed+rem+var", Plan.dipr(
             4.0, index="cluster", remainder=True, remainder_var=0.5, delta=1e4, capacity=cap,
             **read), main))
@@ -293,7 +297,8 @@ def _interp(points, x):
 
 
 _SUBLINEAR = ("cluster", "scalar", "super")  # families that read a fraction of the keys (index paths)
-_FIXED_OF = {"cluster+rem+var": "cluster-fixed+rem+var",
+_FIXED_OF = {"cluster": "cluster-fixed",
+             "cluster+rem+var": "cluster-fixed+rem+var",
              "cluster+rem+var+floor": "cluster-fixed+rem+var",
              "scalar+rem+var+floor": "scalar-fixed+rem+var",
              "scalar+rem+var+floor@b1": "scalar-fixed+rem+var",
@@ -367,8 +372,8 @@ def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
                             if fixed_b4 and "recall_b4" in r else None,
                             fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
-    for fam in ("scalar+rem+var+floor", "scalar+rem+var+floor@b1", "super+rem+var+floor@b1",
-                "super+rem+var+floor"):
+    for fam in ("cluster", "cluster+rem+var", "scalar+rem+var+floor", "scalar+rem+var+floor@b1",
+                "super+rem+var+floor@b1", "super+rem+var+floor"):
         d = [x for x in dyn if x["method"] == fam]
         out[f"dynamic_beats_fixed[{fam}]"] = (
             f"error lower at {sum(x['error'] < x['fixed_budget_error'] for x in d)}/{len(d)} "
