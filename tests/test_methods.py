@@ -261,3 +261,17 @@ def test_fold_moves_the_tail_once_for_every_layer(tiny_model):
     again = method.fold(folded, cache, 0)
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(folded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tail_folds_in_a_batch_of_different_lengths_equal_full(tiny_model):
+    """Two prompts of different lengths fold at different positions of their caches (one
+    lax.cond for both): with beta = inf and an unlimited margin every sequence still equals
+    dense attention token for token."""
+    model, tok = tiny_model
+    prompts = [PROMPT[:24], PROMPT[5:18]]
+    run = lambda m: aj.generate(model, tok, prompts, 30, attention=m, stop_at_eos=False)  # noqa: E731
+    want = run(None)
+    got = run(M.DIPR(float("inf"), "cluster", delta=float("inf"), cluster_size=4, sink=2, window=4,
+                     tail_capacity=12))
+    assert got.tokens == want.tokens
+    assert got.attention_stats["attended_fraction"] == pytest.approx(1.0)
