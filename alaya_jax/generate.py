@@ -340,7 +340,7 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
     padded = math.ceil(longest / C) * C  # the prefill writes whole chunks
     max_len = max(min(_round_up(max(padded, longest + max_new_tokens), 256),
                       _round_up(cfg.max_seq_len, 256)), padded)
-    cache = KVCache.zeros(cfg, B, max_len, model.dtype)
+    cache = KVCache.zeros(cfg, B, max_len, model.dtype, stacked=model.stacked)
 
     t0 = time.perf_counter()
     n_q = calibration_queries(attention)

@@ -275,3 +275,21 @@ def test_tail_folds_in_a_batch_of_different_lengths_equal_full(tiny_model):
                      tail_capacity=12))
     assert got.tokens == want.tokens
     assert got.attention_stats["attended_fraction"] == pytest.approx(1.0)
+
+
+def test_tail_folds_with_per_layer_weights_and_cache(tmp_path):
+    """The GPU layout (per-layer weights and cache, a tuple of layer states folded one by one
+    under one lax.cond), run on the CPU: across folds the cluster path equals flat DIPR and,
+    with beta = inf, dense attention; and it equals the stacked layout's tokens."""
+    tl.write_hf(tmp_path, tl.make_weights())
+    model, tok = aj.load_model(str(tmp_path), stack_layers=False)
+    stacked, _ = aj.load_model(str(tmp_path), stack_layers=True)
+    assert not model.stacked
+    kw = dict(cluster_size=4, sink=2, window=4, tail_capacity=12)
+    run = lambda mdl, m: aj.generate(mdl, tok, PROMPT[:24], 30, attention=m,  # noqa: E731
+                                     stop_at_eos=False)
+    got = run(model, M.DIPR(1.5, "cluster", delta=float("inf"), **kw))
+    assert got.tokens == run(model, M.DIPR(1.5, "flat", sink=2, window=4)).tokens
+    assert got.tokens == run(stacked, M.DIPR(1.5, "cluster", delta=float("inf"), **kw)).tokens
+    inf = run(model, M.DIPR(float("inf"), "cluster", delta=float("inf"), **kw))
+    assert inf.tokens == run(model, None).tokens
