@@ -124,12 +124,11 @@ def masked_attention(scores, mask, v):
     B, H, S = scores.shape
     K, D = v.shape[2], v.shape[3]
     p, l, m = softmax_parts(scores, mask)
-    pg = p.reshape(B, K, H // K, S)
     if _plain_gemm():  # [B,H,S] x [B,S,K*D] -> [B,H,K*D], then each head's own kv block
         full = _gemm("xbhs,bsc->xbhc", p, v.reshape(B, S, K * D)).reshape(B, K, H // K, K, D)
         pv = jnp.einsum("bkgjd,kj->bkgd", full, jnp.eye(K, dtype=full.dtype))
     else:
-        pv = jnp.einsum("bkgs,bskd->bkgd", pg, v.astype(jnp.float32))
+        pv = jnp.einsum("bkgs,bskd->bkgd", p.reshape(B, K, H // K, S), v.astype(jnp.float32))
     return normalize(pv.reshape(B, H, D), l, m)
 
 

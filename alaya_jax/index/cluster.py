@@ -520,7 +520,7 @@ def take_windows(x, start, size: int):
 def tail_slices(index: ClusterIndex, k, v):
     """The positional-cache tokens a fold may move: (kt, vt [B, A, K, D], start [B]), the A =
     min(tail_capacity, S) tokens from each sequence's index end (clamped into the cache)."""
-    B, S, K, D = k.shape
+    S = k.shape[1]
     A = min(index.config.tail_capacity, S)
     start = jnp.clip(index.end, 0, max(S - A, 0))
     return take_windows(k, start, A), take_windows(v, start, A), start
