@@ -356,6 +356,14 @@ def _pct(x):
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def plan_line(name: str, row: dict) -> str:
+    """A markdown list item: the plan a method ran and, when calibrated, its margins."""
+    d = row.get("delta_per_layer")
+    extra = (f"; delta per layer mean {np.mean(d):.2f} (min {np.min(d):.2f}, max "
+             f"{np.max(d):.2f})" if d else "")
+    return f"- {name}: {row['plan']}{extra}"
+
+
 def markdown(result: dict) -> str:
     s = result["summary"]
     tasks = result["tasks"]
@@ -391,11 +399,7 @@ def markdown(result: dict) -> str:
              if "plan" in s[m]["by_length"].get(str(L), {})]
     if plans:
         lines += ["", "Plans run (the optimizer's choice for `dipr:BETA`) and calibrated margins:", ""]
-        for m, L, a in plans:
-            d = a.get("delta_per_layer")
-            extra = (f"; delta per layer mean {np.mean(d):.2f} (min {np.min(d):.2f}, max "
-                     f"{np.max(d):.2f})" if d else "")
-            lines.append(f"- {m} at {L}: {a['plan']}{extra}")
+        lines += [plan_line(f"{m} at {L}", a) for m, L, a in plans]
     lines += ["", "Over all lengths:", "",
               "| method | accuracy % | attended % | attended keys | read % | read keys | truncated layer-steps |",
               "|---|---|---|---|---|---|---|"]

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from alaya_jax.errors import ConfigError, ContextLengthError
-from alaya_jax.eval.harness import _copy, _queries_for, parse_method
+from alaya_jax.eval.harness import _copy, _queries_for, parse_method, plan_line
 from alaya_jax.generate import calibration_queries, prefill
 from alaya_jax.model.llama import KVCache
 
@@ -236,10 +236,6 @@ def markdown(result: dict) -> str:
     plans = [(m, result["rows"][m]) for m in result["methods"] if result["rows"][m].get("plan")]
     if plans:
         lines += ["", "Plans run and calibrated margins:", ""]
-        for m, r in plans:
-            d = r.get("delta_per_layer")
-            extra = (f"; delta per layer mean {np.mean(d):.2f} (min {np.min(d):.2f}, max "
-                     f"{np.max(d):.2f})" if d else "")
-            lines.append(f"- {m}: {r['plan']}{extra}")
+        lines += [plan_line(m, r) for m, r in plans]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
