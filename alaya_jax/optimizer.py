@@ -174,10 +174,17 @@ def choose_plan(shape: QueryShape, beta: float = 4.0, available: Sequence[str] =
 
 def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8,
                        head_dim: int = 64, repeats: int = 5, read_fraction: Optional[dict] = None,
-                       cluster_size: int = 32, page_size: int = 32) -> dict:
+                       cluster_size: int = 32, page_size: int = 32, layers: int = 4,
+                       log=print) -> dict:
     """Times the flat, block and cluster DIPR paths on the default device and fits
-    time = overhead + bytes / bandwidth per path (two context lengths). Returns the JSON dict
-    of a CostTable (write it to cost_tables/<kind>.json). Synthetic keys; beta 4."""
+    time = overhead + bytes / bandwidth per path (from the contexts given). Returns the JSON
+    dict of a CostTable (write it to cost_tables/<kind>.json). Synthetic bf16 keys, beta 4.
+
+    A time is one layer's call inside a jitted function that calls `layers` (>= 2) layers in
+    a row, each on its own store (as in the decode loop: no layer's index left in the cache
+    for the next): the time of all layers less that of one, over layers - 1 (the call's
+    dispatch cancels). The plan is the one the DIPR method runs (the GPU kernels where they
+    apply); cluster and block plans with a capacity of 10% of the groups."""
     import time
 
     import jax
@@ -187,31 +194,46 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
     from alaya_jax.index.block import BlockConfig
     from alaya_jax.index.cluster import ClusterConfig
     from alaya_jax.index.synthetic import synthetic_kv
+    from alaya_jax.methods import CLUSTER_PLAN
 
-    fn = jax.jit(sparse_attention, static_argnames=("plan",))
+    def calls(q, stores, plan):
+        return sum(jnp.sum(sparse_attention(q, st, plan)[0]) for st in stores)
+
+    fn = jax.jit(calls, static_argnames=("plan",))
     meas = {p: [] for p in ("flat", "block", "cluster")}
+    cfg = IndexConfig(cluster=ClusterConfig(cluster_size=cluster_size,
+                                            block_size=2 * cluster_size),
+                      block=BlockConfig(page_size))
     for S in contexts:
-        q, k, v = synthetic_kv(1, S, heads, kv_heads, head_dim, seed=0)
-        q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-        cfg = IndexConfig(cluster=ClusterConfig(cluster_size=cluster_size, block_size=2 * cluster_size),
-                          block=BlockConfig(page_size))
-        st = build_store(k, v, jnp.asarray([S], jnp.int32), cfg, n_heads=heads)
+        stores = []
+        for layer in range(layers):
+            q, k, v = synthetic_kv(1, S, heads, kv_heads, head_dim, seed=layer)
+            q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+            stores.append(build_store(k, v, jnp.asarray([S], jnp.int32), cfg, n_heads=heads))
+        jax.block_until_ready(stores)
         for path in meas:
-            # a realistic static capacity: 10% of the groups (the gather reads `capacity` blocks)
             groups = S // (cluster_size if path == "cluster" else page_size)
-            plan = Plan.dipr(4.0, index=path, delta=2.0 if path == "cluster" else None,
-                             attend_read=True,
-                             capacity=None if path == "flat" else max(1, groups // 10))
-            o, stats = fn(q, st, plan)
-            jax.block_until_ready(o)
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(q, st, plan)[0])
-                ts.append(time.perf_counter() - t0)
+            kw = dict(CLUSTER_PLAN, delta=2.0) if path == "cluster" else {}
+            plan = Plan.dipr(4.0, index=path, capacity=None if path == "flat" else
+                             max(1, groups // 10), **kw)
+            def timed(some):
+                jax.block_until_ready(fn(q, some, plan))
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(q, some, plan))
+                    ts.append(time.perf_counter() - t0)
+                return float(np.median(ts))
+
+            # per layer: the difference of all layers and one (the call's dispatch cancels)
+            per_layer = (timed(stores) - timed(stores[:1])) / max(layers - 1, 1)
+            stats = jax.jit(sparse_attention, static_argnames=("plan",))(q, stores[0], plan)[1]
             read = float(np.mean(np.asarray(stats.keys_read)))  # rows + keys, per kv head
             bytes_ = kv_heads * read * 2 * head_dim * 2  # k and v (rows: upper bound), bf16
-            meas[path].append((bytes_, float(np.median(ts)) * 1e6))
+            meas[path].append((bytes_, max(per_layer, 1e-9) * 1e6))
+            log(f"cost table: {path:8s} context {S:7d}: {meas[path][-1][1]:9.1f} us per layer, "
+                f"{bytes_ / 1e6:9.2f} MB read")
+        del stores
     overhead, bw = {}, {}
     for p, pts in meas.items():  # least squares: t = overhead + bytes * slope
         b = np.array([x[0] for x in pts])
@@ -224,5 +246,7 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
     return dict(device_kind="cpu" if dev.platform == "cpu" else dev.device_kind,
                 overhead_us=overhead, bandwidth_gbs=bw,
                 read_fraction=read_fraction or {}, cluster_size=cluster_size, page_size=page_size,
-                source=f"measure_cost_table(contexts={tuple(contexts)}) on {dev}, jax "
+                measured_us={p: [dict(bytes=b, us=t) for b, t in pts] for p, pts in meas.items()},
+                source=f"measure_cost_table(contexts={tuple(contexts)}, kv_heads={kv_heads}, "
+                       f"heads={heads}, head_dim={head_dim}, layers={layers}) on {dev}, jax "
                        f"{jax.__version__}")

@@ -87,14 +87,21 @@ def test_compact_positions_cross_tiles():
   """More than one 128-row tile of the two-level prefix sum, with a ragged last tile."""
   margin = jnp.asarray(np.where(np.random.default_rng(5).random((2, 3, 300)) < 0.3, 1.0, -1.0),
                        jnp.float32)
-  sel = jax.jit(ss.compact, static_argnames="cap")(margin, cap=64)
-  m = np.asarray(margin)
-  for bi in range(2):
-    for ki in range(3):
-      ids = np.nonzero(m[bi, ki] >= 0)[0]
-      c = min(len(ids), 64)
-      assert int(sel.kept_count[bi, ki]) == c
-      np.testing.assert_array_equal(sel.kept[bi, ki, :c], ids[:c])
+  fn = jax.jit(ss.compact, static_argnames=("cap", "width"))
+  dense = jnp.asarray(np.where(np.random.default_rng(6).random((1, 2, 1000)) < 0.95, 1.0, -1.0),
+                      jnp.float32)  # full 128-row tiles, 8 tiles
+  for margin, cap, width in ((margin, 64, None), (margin, 61, 64), (dense, 999, 1000),
+                             (dense, 500, None)):
+    sel = fn(margin, cap=cap, width=width)
+    assert sel.kept.shape[-1] == (width or cap)
+    m = np.asarray(margin)
+    for bi in range(m.shape[0]):
+      for ki in range(m.shape[1]):
+        ids = np.nonzero(m[bi, ki] >= 0)[0]
+        c = min(len(ids), cap)
+        assert int(sel.kept_count[bi, ki]) == c and int(sel.n_passing[bi, ki]) == len(ids)
+        np.testing.assert_array_equal(sel.kept[bi, ki, :c], ids[:c])
+        assert not np.any(np.asarray(sel.kept[bi, ki, c:]))  # zeros past the count
 
 
 def test_dispatch_rules():

@@ -115,6 +115,42 @@ def test_top_cap_mask_matches_top_k():
         np.testing.assert_array_equal(np.asarray(needed), (m >= 0).sum(-1))
 
 
+def test_top_cap_bins_keeps_a_near_full_top_set():
+    """The grid select: all passing rows when they fit; else a top set of at most cap rows,
+    short of cap only by rows within one grid step (best / 32**2) of the cut; forced rows
+    (margin 1e30) first; more than cap ties at the best all kept."""
+    rng = np.random.default_rng(1)
+    m = rng.normal(0, 2, (7, 300)).astype(np.float32)
+    m[1, :40] = 1.5  # ties
+    m[2, ::7] = 1e30  # forced
+    m[3] = -np.abs(m[3])  # none passing
+    m[4, :] = np.round(m[4], 1)  # many ties
+    m[5, :] = np.abs(m[5]) * 1e-3 + 50.0  # all passing, packed in a narrow band far from 0
+    m[6, :60] = 3.0  # 60 ties at the best, the rest below 0
+    m[6, 60:] = -1.0
+    fn = jax.jit(sd.top_cap_bins, static_argnums=1)
+    for cap in (1, 5, 37, 299, 300):
+        keep, needed = map(np.asarray, fn(jnp.asarray(m), cap))
+        np.testing.assert_array_equal(needed, (m >= 0).sum(-1))
+        for r in range(m.shape[0]):
+            passing = m[r] >= 0
+            k = keep[r]
+            assert not np.any(k & ~passing), (cap, r)
+            if passing.sum() <= cap:
+                np.testing.assert_array_equal(k, passing, err_msg=f"cap {cap} row {r}")
+                continue
+            best = m[r][passing & (m[r] < 1e29)].max()
+            v = np.where(passing, np.minimum(m[r], best), -1.0)
+            if (v == best).sum() > cap:  # ties at the best overflow: all of them
+                np.testing.assert_array_equal(k, v == best, err_msg=f"cap {cap} row {r}")
+                continue
+            assert 1 <= k.sum() <= cap, (cap, r, k.sum())
+            assert v[k].min() > v[~k].max(), (cap, r)  # a top set
+            assert np.all(k[m[r] >= 1e29]), (cap, r)  # forced rows kept
+            x_next = np.sort(v)[::-1][cap]  # the best row that cannot fit
+            assert k.sum() >= (v >= x_next + 1.001 * best / 32**2).sum(), (cap, r, k.sum())
+
+
 def test_dispatch(data):
     q, store = data
     with pytest.raises(ConfigError):

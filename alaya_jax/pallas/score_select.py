@@ -102,26 +102,43 @@ def _thresholds(m_lower, beta, delta):
           - jnp.asarray(delta, jnp.float32))
 
 
-def compact(margin, cap: int) -> Selection:
+def _prefix_counts(x):
+  """x [R, T, 128] bool -> inclusive prefix counts along the last two axes (row-major), int32.
+
+  Two small matmuls against triangular ones (within the 128-row tiles, then over the tiles'
+  totals): on a GPU two GEMM kernels, where XLA's cumsum is several reduce-window passes.
+  Exact: 0/1 products summed in f32 (counts far below 2**24)."""
+  t = x.shape[-1]
+  tri = lambda n, above: jnp.triu(jnp.ones((n, n), jnp.bfloat16), above)  # 1 where j >= i+above
+  inner = jnp.einsum("rtj,jk->rtk", x.astype(jnp.bfloat16), tri(t, 0),
+                     preferred_element_type=jnp.float32)
+  total = inner[..., -1]  # [R, T], at most 128: exact in bf16
+  before = jnp.einsum("rt,tu->ru", total.astype(jnp.bfloat16), tri(total.shape[-1], 1),
+                      preferred_element_type=jnp.float32)  # the tiles strictly before
+  return (inner + before[..., None]).astype(jnp.int32)
+
+
+def compact(margin, cap: int, width: int | None = None) -> Selection:
   """margin [B, K, N] -> the ids with margin >= 0 in ascending order, at most cap.
 
-  Positions come from a two-level prefix sum (within 128-row tiles, then over the tiles'
-  totals): short scans, which XLA runs far faster than one scan over N; then a scatter
-  that drops the entries past cap."""
+  Positions come from a two-level prefix count (within 128-row tiles, then over the tiles'
+  totals; `_prefix_counts`), then a scatter that drops the entries past cap. width (>= cap,
+  default cap): the kept array's last axis; entries past kept_count are 0 (a width that is a
+  multiple of 4 saves the attention kernel a padded copy)."""
   b, k, n = margin.shape
+  width = cap if width is None else width
+  if width < cap:
+    raise ShapeError(f"compact width {width} < cap {cap}")
   tile = 128
   n_pad = -(-n // tile) * tile
   passing = margin >= 0
-  x = jnp.pad(passing, ((0, 0), (0, 0), (0, n_pad - n))).reshape(b, k, n_pad // tile, tile)
-  inner = jnp.cumsum(x, axis=-1, dtype=jnp.int32)
-  tile_total = inner[..., -1]
-  running = jnp.cumsum(tile_total, axis=-1, dtype=jnp.int32)
-  offset = running - tile_total
-  n_passing = running[..., -1]
-  pos = (offset[..., None] + inner - 1).reshape(b, k, n_pad)[..., :n]
-  pos = jnp.where(passing & (pos < cap), pos, cap)  # cap: out of range, dropped
+  x = jnp.pad(passing, ((0, 0), (0, 0), (0, n_pad - n))).reshape(b * k, n_pad // tile, tile)
+  pos = _prefix_counts(x).reshape(b, k, n_pad)
+  n_passing = pos[..., -1]
+  pos = pos[..., :n] - 1
+  pos = jnp.where(passing & (pos < cap), pos, width)  # width: out of range, dropped
   ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, k, n))
-  kept = jnp.zeros((b, k, cap), jnp.int32).at[
+  kept = jnp.zeros((b, k, width), jnp.int32).at[
       jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], pos].set(ids, mode="drop")
   return Selection(kept, jnp.minimum(n_passing, cap), n_passing > cap, n_passing, margin)
 

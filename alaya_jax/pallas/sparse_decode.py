@@ -8,11 +8,13 @@ verify; DESIGN.md), with the two parts that grow with the context on the kernels
      the `score_select` margins kernel when nothing else needs the per-head estimates
      (probe = 0 and no remainder); otherwise est = q.centroid / sqrt(D) in XLA (the probe's
      per-head top blocks and the remainder need it) and the margin from it;
-  3. the kept list: the `cap` best margins among those >= 0 (the probed blocks forced), as the
-     jnp path's `select_blocks`; past a capacity of 16 found without a sort: an exact radix
-     select of the cap-th largest margin (4 passes of 8-bit digit counts over the N block
-     rows), then the order-free compaction of `score_select.compact`. Same set as
-     `lax.top_k` (ties go to the lower block id there and here), so the same output and stats;
+  3. the kept list: every block with margin >= 0 (the probed blocks forced) when they fit the
+     capacity, as the jnp path's `select_blocks`. When more pass: up to a capacity of 16 the
+     jnp path's `lax.top_k` set; past it, by default, the best blocks found on a grid of
+     margins (`top_cap_bins`: two reductions, no sort; short of the capacity by at most the
+     blocks within 1/1024 of the best margin below the cut), or with select="radix" the exact
+     `lax.top_k` set by a radix select of the cap-th largest margin (four passes); then the
+     order-free compaction of `score_select.compact` (two small matmuls and a scatter);
   4. the DIPR threshold (max over everything read) - beta: `gathered_attention.kept_max`, a
      keys-only pass of the attention kernel over the kept blocks (skipped with attend_read);
   5. `gathered_attention` over the kept blocks with that threshold (it also counts the keys
@@ -27,14 +29,13 @@ kernels reject) are named by `kernel_supports`; the dispatch in
 under "pallas".
 
 Measured (benchmarks/results/sparse_decode_gpu.json, Llama-3-8B shapes, batch 1, inside the
-32-layer jitted decode loop, H100): 12.50 ms/token at 4K against 7.39 for full attention, the
-same attended/read fractions as the jnp path (0.027/0.129). At 4K a layer reads little (cap
-11 blocks per kv head: ~2.9 MB of K+V, ~1 us at bandwidth), so the ~160 us per layer over full
-attention is fixed cost: the small XLA ops around the kernels, 2-3 Mosaic launches and the
-decode step's per-layer tail-fold loop (not yet profiled on the GPU). DIPR at 128K did not
-fit the H100 (the cluster index holds keys and values in ~3 S slots per layer: ~54 GB over 32
-layers beside 16 GB of weights and a 17 GB positional cache); it needs an H200 or a smaller
-index.
+32-layer jitted decode loop, H200, capacity 5% of the blocks, blocks of 32 slots with balanced
+clusters): 7.36 ms/token at 4K and 8.94 at 128K (1.21x), against 4.61 and 8.29 for cuDNN full
+attention (1.80x). A profile of 2 layers at 128K puts this path at ~150 us per layer of GPU
+time against cuDNN's ~122: ~35 us in the two Mosaic kernels (kept max and attention, ~80 MB
+read), ~11 us in the f32 centroid scores of the probe, and ~50 small XLA kernels of 1.5-5 us
+(exact region, selection, merges, stats). At 4K the same launches make the path ~1.3x slower
+than flat DIPR; the optimizer picks flat there.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from alaya_jax.pallas import _mgpu
 from alaya_jax.pallas import gathered_attention as ga
 from alaya_jax.pallas import score_select as ss
 
-_SELECTS = ("auto", "radix", "top_k")
+_SELECTS = ("auto", "bins", "radix", "top_k")
 #: Up to this capacity `lax.top_k` is XLA's single fused top-k kernel on the GPU; past it XLA
 #: sorts the rows, and the radix select's few reductions are the cheaper exact path.
 _TOP_K_MAX = 16
@@ -61,9 +62,12 @@ _TOP_K_MAX = 16
 
 @dataclasses.dataclass(frozen=True)
 class SparseDecodeConfig:
-    """select: how the capacity keeps the best margins: "radix" (exact radix select of the
-    cap-th largest, then a compaction: no sort), "top_k" (`lax.top_k`, as the jnp path) or
-    "auto" (top_k up to a capacity of 16, radix past it). Both give the same set.
+    """select: how the capacity keeps the best margins when more blocks pass than it holds:
+    "radix" (exact radix select of the cap-th largest, then a compaction: no sort), "top_k"
+    (`lax.top_k`, as the jnp path), "bins" (a threshold found on a grid of margins: the best
+    blocks up to the grid's resolution, see `top_cap_bins`) or "auto" (top_k up to a
+    capacity of 16, bins past it). radix and top_k give the jnp path's set; every option
+    keeps exactly the passing blocks when they fit the capacity.
     attention: the gathered-attention kernel's tuning."""
 
     select: str = "auto"
@@ -146,18 +150,62 @@ def top_cap_mask(margin, cap: int):
     return jnp.where((needed > cap)[:, None], keep, passing), needed
 
 
+#: Margins at or above this are forced (the probed blocks): kept before any other.
+_FORCED = 1e29
+
+
+def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2):
+    """margin [R, N] f32 -> (keep [R, N] bool, needed [R] int32): every block with margin >= 0
+    when at most `cap` pass; otherwise those at or above a threshold t > 0 with at most `cap`
+    at or above it, t the lowest point that holds on a grid of `bins` ** `rounds` levels over
+    (0, best margin]: the best blocks, short of `cap` by at most the blocks whose margin lies
+    within one grid step (best / bins ** rounds) below t. Forced blocks (margin >= 1e29)
+    count as the best margin. If more than `cap` blocks tie at the best margin, all of them
+    are kept (the compaction then keeps the first `cap` in block order).
+
+    Each round is one reduction ([R, bins, N] compares, no sort): an eighth of the work of
+    one pass of `top_cap_mask`'s radix select, which needs four."""
+    R, N = margin.shape
+    passing = margin >= 0
+    needed = jnp.sum(passing, -1, dtype=jnp.int32)
+    if cap >= N:
+        return passing, needed
+    forced = margin >= _FORCED
+    best = jnp.max(jnp.where(passing & ~forced, margin, 0.0), -1)  # [R]
+    v = jnp.where(passing, jnp.minimum(margin, best[:, None]), -1.0)
+    lo, hi = jnp.zeros((R,), jnp.float32), best
+    steps = jnp.arange(1, bins + 1, dtype=jnp.float32) / bins
+    for _ in range(rounds):
+        edges = lo[:, None] + (hi - lo)[:, None] * steps  # [R, bins], increasing
+        edges = edges.at[:, -1].set(hi)
+        count = jnp.sum(v[:, None, :] >= edges[:, :, None], -1, dtype=jnp.int32)
+        ok = count <= cap  # non-decreasing in the edge
+        j = jnp.argmax(ok, -1)  # the first edge that holds (0 if none)
+        any_ok = jnp.any(ok, -1)
+        new_hi = jnp.take_along_axis(edges, j[:, None], -1)[:, 0]
+        new_lo = jnp.take_along_axis(edges, jnp.maximum(j - 1, 0)[:, None], -1)[:, 0]
+        lo = jnp.where(any_ok & (j > 0), new_lo, lo)
+        hi = jnp.where(any_ok, new_hi, hi)
+    keep = jnp.where((needed > cap)[:, None], v >= hi[:, None], passing)
+    return keep, needed
+
+
 def select_kept(margin, cap: int, how: str = "radix"):
-    """margin [B, K, N] (block_len and forcing applied) -> (kept [B,K,cap], kept_count, needed):
-    the best `cap` margins >= 0, as `index.cluster.select_blocks` (kept in block order here)."""
+    """margin [B, K, N] (block_len and forcing applied) -> (kept [B,K,W], kept_count, needed):
+    the best `cap` margins >= 0, as `index.cluster.select_blocks` (kept in block order here);
+    W = min(cap, N), rounded up to a multiple of 4 past the top_k path (entries past
+    kept_count are 0)."""
     B, K, N = margin.shape
     if how == "auto":
-        how = "top_k" if min(cap, N) <= _TOP_K_MAX else "radix"
+        how = "top_k" if min(cap, N) <= _TOP_K_MAX else "bins"
     if how == "top_k":
         sel = select_blocks(margin, jnp.zeros((B, K)), jnp.zeros((B, K)), 0.0, 0.0, cap,
                             jnp.ones((B, K, N), jnp.int32), K)
         return sel.kept, sel.kept_count, sel.needed
-    keep, needed = top_cap_mask(margin.reshape(B * K, N), cap)
-    sel = ss.compact(jnp.where(keep, 1.0, -1.0).reshape(B, K, N), min(cap, N))
+    pick = top_cap_mask if how == "radix" else top_cap_bins
+    keep, needed = pick(margin.reshape(B * K, N), cap)
+    cap = min(cap, N)
+    sel = ss.compact(jnp.where(keep, 1.0, -1.0).reshape(B, K, N), cap, -(-cap // 4) * 4)
     return sel.kept, sel.kept_count, needed.reshape(B, K)
 
 
@@ -209,11 +257,14 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     force = None
     if plan.probe > 0:
         n_probe = min(plan.probe, N)
-        pid = lax.top_k(est, n_probe)[1].reshape(B, K, G * n_probe).astype(jnp.int32)
+        top_est, pid = lax.top_k(est, n_probe)
+        pid = pid.reshape(B, K, G * n_probe).astype(jnp.int32)
         ps = A._scores_kv(q, gather_blocks(idx.keys, pid))  # [B,H,G*probe,P]
         pvalid = jnp.repeat(gather_blocks(idx.positions, pid) >= 0, G, axis=1)
         probe_max = jnp.max(jnp.where(pvalid, ps, MASK_VALUE), axis=(-2, -1))
-        force = A._scatter_mask(B, K, N, pid, jnp.ones(pid.shape, bool))
+        # the probed blocks as a compare, not a scatter (3 kernels fewer on a GPU); a tie
+        # with a head's last probed estimate forces the tied blocks too
+        force = jnp.any((est >= top_est[..., -1:]).reshape(B, K, G, N), axis=2)
     thr = jnp.maximum(exact_max, probe_max) - plan.beta - jnp.asarray(delta, jnp.float32)  # [B,H]
     if use_est:
         margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
@@ -222,7 +273,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
                                        interpret=interpret)
     margin = jnp.where(nonempty, margin, MASK_VALUE)
     if force is not None:
-        margin = jnp.where(force & nonempty, jnp.float32(1e30), margin)
+        margin = jnp.where(force & nonempty, jnp.float32(1e30), margin)  # >= _FORCED
 
     # 3. the kept list
     kept, kept_count, needed = select_kept(margin, cap, config.select)
