@@ -93,6 +93,12 @@ class Plan:
       (0: the plain n * exp(q.c) estimate; 1: the full Gaussian correction, which overshoots
       on real keys).
     attend_read: attend every read key, not only those above the DIPR threshold.
+    one_pass: the threshold from the lower bound m' known before the index is read (the max
+      over the sink, window, tail and probed blocks) minus beta, instead of the max over every
+      key read minus beta: the GPU kernels then skip the keys-only max pass over the kept
+      blocks (one read of them instead of two). Attends the DIPR set over what was read plus
+      the read keys whose scores fall within (M - m') below its threshold, M the max read
+      (none when the max is in the exact region or a probed block).
     super_probe: with an index that has the super level (ClusterConfig.super_size > 0), the
       super-clusters opened per query head by their centroid score (besides those passing
       DIPR's rule m' - beta - delta); only the blocks of opened super-clusters are scored.
@@ -118,6 +124,7 @@ class Plan:
     remainder: bool = False
     remainder_var: float = 0.0
     attend_read: bool = False
+    one_pass: bool = False
     super_probe: int = 5
     return_mask: bool = False
     impl: str = "auto"
@@ -172,6 +179,7 @@ class Plan:
             extra += ", +remainder" if self.remainder else ""
             extra += f"(var {self.remainder_var:g})" if self.remainder and self.remainder_var else ""
             extra += ", attend_read" if self.attend_read else ""
+            extra += ", one_pass" if self.one_pass else ""
             extra += f", probe={self.probe}" if self.probe != 2 else ""
             extra += f", rank_var={self.rank_var:g}" if self.rank_var else ""
             extra += f", rank_std={self.rank_std:g}" if self.rank_std else ""
@@ -526,6 +534,7 @@ def _sparse_path(q, store: KVStore, plan: Plan):
         kept = jnp.where(vals > 0, kept, 0).astype(jnp.int32)
         needed = kept_count
         attend_all = True
+        probe_max = exact_max
     else:
         cap = N if plan.capacity is None else min(plan.capacity, N)
         force = None
@@ -558,6 +567,8 @@ def _sparse_path(q, store: KVStore, plan: Plan):
     read_max = jnp.maximum(exact_max, jnp.max(jnp.where(gvalid_h, gs, MASK_VALUE), axis=(-2, -1)))
     if attend_all:
         threshold = jnp.full((B, H), MASK_VALUE, jnp.float32)
+    elif plan.one_pass:
+        threshold = jnp.maximum(exact_max, probe_max) - plan.beta
     else:
         threshold = read_max - plan.beta
     ex_mask = (ex_mask_valid & (ex.s >= threshold[..., None])) | always

@@ -238,6 +238,10 @@ def methods_for(args):
         ms.append(Method("cluster+rem+var+mass", Plan.dipr(
             beta, index="cluster", remainder=True, remainder_var=0.5, mass_eps=args.mass_eps,
             **read), main, True))
+    for eps in args.mass_only:  # a dynamic rule on estimated mass alone (DIPR's rule off):
+        # the fewest clusters that leave at most eps of the estimated softmax mass unread
+        ms.append(Method("cluster-mass", Plan.dipr(0.0, index="cluster", delta=-1e4,
+                                                   mass_eps=eps, **read), main))
     for frac in args.budgets:  # fixed budget: the same number of top clusters every step
         cap = max(1, int(round(frac * T / args.main_cluster_size)))
         # without the remainder estimate: selection alone, DIPR's rule (family "cluster") against
@@ -298,6 +302,7 @@ def _interp(points, x):
 
 _SUBLINEAR = ("cluster", "scalar", "super")  # families that read a fraction of the keys (index paths)
 _FIXED_OF = {"cluster": "cluster-fixed",
+             "cluster-mass": "cluster-fixed",
              "cluster+rem+var": "cluster-fixed+rem+var",
              "cluster+rem+var+floor": "cluster-fixed+rem+var",
              "scalar+rem+var+floor": "scalar-fixed+rem+var",
@@ -372,7 +377,8 @@ def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
                             if fixed_b4 and "recall_b4" in r else None,
                             fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
-    for fam in ("cluster", "cluster+rem+var", "scalar+rem+var+floor", "scalar+rem+var+floor@b1",
+    for fam in ("cluster", "cluster-mass", "cluster+rem+var", "scalar+rem+var+floor",
+                "scalar+rem+var+floor@b1",
                 "super+rem+var+floor@b1", "super+rem+var+floor"):
         d = [x for x in dyn if x["method"] == fam]
         out[f"dynamic_beats_fixed[{fam}]"] = (
@@ -458,6 +464,8 @@ def main(argv=None):
                     help="betas for the cluster sizes other than the main one")
     ap.add_argument("--betas-mass", type=float, nargs="*", default=[2, 4, 6])
     ap.add_argument("--mass-eps", type=float, default=0.02)
+    ap.add_argument("--mass-only", type=float, nargs="*", default=[0.5, 0.3, 0.2, 0.1, 0.05],
+                    help="eps of the family cluster-mass (the mass rule without DIPR's)")
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.15, 0.2],
                     help="fixed budgets (fraction of context) for top-k, Quest, fixed clusters")
     ap.add_argument("--n-decode", type=int, default=64, help="teacher-forced decode queries")

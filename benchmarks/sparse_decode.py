@@ -67,12 +67,16 @@ def parse_method(spec: str):
     if spec == "full":
         return aj.FullAttention()
     name, _, arg = spec.partition(":")
-    if name == "dipr":  # dipr:beta[:capacity_fraction[:impl[:compact]]]
-        beta, cap, impl, compact = (arg.split(":") + ["", "", ""])[:4]
-        # compact: blocks of cluster_size slots, 4 balance rounds (~1x the cache, not ~3x)
-        size = dict(block_size=32, balance_rounds=4) if compact == "compact" else {}
+    if name == "dipr":  # dipr:beta[:capacity_fraction[:impl[:flag...]]]
+        beta, cap, impl, *flags = (arg.split(":") + ["", ""])
+        flags = {f for f in flags if f}
+        if flags - {"compact", "onepass"}:
+            raise SystemExit(f"unknown dipr flags {sorted(flags - {'compact', 'onepass'})}")
+        # compact: blocks of cluster_size slots, 4 balance rounds (~1x the cache, not ~3x);
+        # onepass: Plan.one_pass (threshold m' - beta, no keys-only pass over the kept blocks)
+        size = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
         return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
-                      impl=impl or "auto", **size)
+                      impl=impl or "auto", one_pass="onepass" in flags, **size)
     if name == "dipr-auto":  # dipr-auto:beta: the optimizer's plan for each context
         return M.DIPR(float(arg), "auto")
     if name == "quest":
@@ -86,7 +90,8 @@ def main(argv=None):
                     help="contexts to time (none: only --profile)")
     ap.add_argument("--methods", nargs="+",
                     default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
-                    help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas] | quest:PAGES")
+                    help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas[:compact][:onepass]] | "
+                         "dipr-auto:BETA | quest:PAGES")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")
     ap.add_argument("--steps", type=int, default=16)

@@ -1,6 +1,7 @@
 """sparse_attention's plans against independent references; stats; batches of different lengths;
 real RoPE'd keys from SmolLM2."""
 
+import dataclasses
 import math
 
 import jax
@@ -84,6 +85,7 @@ def test_beta_inf_is_full_attention(case, index):
     Plan.dipr(1.0, index="cluster", sink=2, window=6, delta=0.5, capacity=2, return_mask=True),
     Plan.dipr(1.0, index="block", sink=2, window=6, capacity=2, return_mask=True),
     Plan.quest(2, sink=2, window=6, return_mask=True),
+    Plan.dipr(1.0, index="cluster", sink=2, window=6, delta=0.5, one_pass=True, return_mask=True),
 ])
 def test_output_is_attention_over_the_reported_set(case, plan):
     q, k, v, lengths, st = case
@@ -101,6 +103,35 @@ def test_output_is_attention_over_the_reported_set(case, plan):
         assert (np.asarray(stats.groups_kept) <= plan.capacity).all()
         np.testing.assert_array_equal(np.asarray(stats.truncated),
                                       (np.asarray(stats.groups_needed) > plan.capacity).any(-1))
+
+
+@pytest.mark.parametrize("index", ["cluster", "block"])
+def test_one_pass_threshold(case, index):
+    """one_pass: the threshold is m' - beta (m' = max of the exact region and the probed
+    blocks), so it attends a superset of the exact plan's keys, from the same blocks; with every
+    block probed m' is the max read, and both plans are the same."""
+    q, k, v, lengths, st = case
+    s = np.asarray(scaled_scores(q, k))
+    kw = dict(sink=2, window=6, return_mask=True, **(dict(delta=0.5) if index == "cluster" else {}))
+    exact = Plan.dipr(1.0, index=index, probe=0, **kw)  # m' from the exact region alone
+    o0, st0 = attend_jit(q, st, exact)
+    o1, st1 = attend_jit(q, st, dataclasses.replace(exact, one_pass=True))
+    a0, a1 = np.asarray(st0.attended), np.asarray(st1.attended)
+    assert not np.any(a0 & ~a1)  # a superset
+    assert np.any(a1 & ~a0)  # and here a strict one: the max is often in the index
+    np.testing.assert_array_equal(np.asarray(st1.groups_kept), np.asarray(st0.groups_kept))
+    t0, t1 = np.asarray(st0.threshold), np.asarray(st1.threshold)
+    assert np.all(t1 <= t0 + 1e-6)
+    # the extra keys score within (M - m') below the exact threshold, M - beta = t0
+    assert np.all(np.where(a1 & ~a0, s >= t1[..., None] - 1e-5, True))
+    ref = masked_attention(scaled_scores(q, k), st1.attended, v)
+    np.testing.assert_allclose(np.asarray(o1), np.asarray(ref.o), atol=2e-5)
+    groups = (st.cluster.num_blocks if index == "cluster" else st.block.kmin.shape[2])
+    every = dataclasses.replace(exact, probe=groups)
+    oa, sa = attend_jit(q, st, every)
+    ob, sb = attend_jit(q, st, dataclasses.replace(every, one_pass=True))
+    np.testing.assert_array_equal(np.asarray(sb.attended), np.asarray(sa.attended))
+    np.testing.assert_allclose(np.asarray(ob), np.asarray(oa), atol=1e-6)
 
 
 def test_batch_entries_are_independent(case):

@@ -78,6 +78,13 @@ def test_gqa4_probe_threshold_capacity_remainder(data):
     assert len(set(kept.ravel().tolist())) > 1
     assert_same(got, want)
     assert_same(*run_both(q, store, dataclasses.replace(plan, remainder=True, remainder_var=0.5)))
+    # one_pass: threshold m' - beta, no keys-only pass; probe 0 so that m' (the exact region's
+    # max) is below the max read and the kernel's mask is tested off the exact threshold
+    one = dataclasses.replace(plan, one_pass=True, probe=0)
+    got, want = run_both(q, store, one)
+    exact = sparse_attention_jit(q, store, dataclasses.replace(one, one_pass=False, impl="xla"))[1]
+    assert (np.asarray(want[1].keys_attended) > np.asarray(exact.keys_attended)).any()
+    assert_same(got, want)
 
 
 def test_gqa1_margins_kernel_none_and_all_kept(data):

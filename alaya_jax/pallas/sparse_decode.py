@@ -16,7 +16,8 @@ verify; DESIGN.md), with the two parts that grow with the context on the kernels
      `lax.top_k` set by a radix select of the cap-th largest margin (four passes); then the
      order-free compaction of `score_select.compact` (two small matmuls and a scatter);
   4. the DIPR threshold (max over everything read) - beta: `gathered_attention.kept_max`, a
-     keys-only pass of the attention kernel over the kept blocks (skipped with attend_read);
+     keys-only pass of the attention kernel over the kept blocks (skipped with attend_read,
+     and with one_pass, whose threshold is m' - beta: see `Plan.one_pass`);
   5. `gathered_attention` over the kept blocks with that threshold (it also counts the keys
      each head attended, for the stats), the optional remainder estimate in jnp, and the
      log-sum-exp merge of the three parts.
@@ -281,6 +282,8 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     # 4. the threshold: exact DIPR over everything read
     if plan.attend_read:
         threshold = jnp.full((B, H), MASK_VALUE, jnp.float32)
+    elif plan.one_pass:  # m' - beta: no keys-only pass over the kept blocks
+        threshold = jnp.maximum(exact_max, probe_max) - plan.beta
     else:
         kmax = ga.kept_max(q, idx.keys, idx.block_len, kept, kept_count,
                            config=config.attention, **kw)
