@@ -811,7 +811,7 @@ _recall_curves_jit = jax.jit(_recall_curves,
 
 def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float = 0.99,
                     probe: int = 2, rank_std: float = 0.0, lengths=None,
-                    recall: str = "set", max_delta: float = DELTA_GRID[-1]):
+                    recall: str = "set", max_delta: float = DELTA_GRID[-1], per: str = "layer"):
     """The smallest margin delta whose mean recall of the flat DIPR set reaches the target.
 
     queries: sample queries of this layer (e.g. the q of the last prompt positions, seen at
@@ -820,13 +820,18 @@ def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float =
     the keys at positions < its length (indexed keys of its future are neither needed nor
     read). All n recall curves are computed in one jitted call (vmapped, in chunks of queries
     whose intermediates fit CALIBRATE_CHUNK_BYTES). recall: "set" (the DIPR set with sink and
-    window, as DESIGN.md defines it) or "middle" (only the indexed keys: stricter). Returns
-    delta [H] f32 (one value per layer, broadcast: the rule's union over a kv group couples
-    the heads), searched on DELTA_GRID. Store it with
+    window, as DESIGN.md defines it) or "middle" (only the indexed keys: stricter). per:
+    "layer" (one delta for all heads: the mean recall over heads reaches the target) or
+    "kv_head" (one delta per kv head, shared by its group of query heads, whose mean recall
+    reaches the target: the rule's union over a group couples its heads, so a group is the
+    finest unit the recall curves are exact for). Returns delta [H] f32, searched on
+    DELTA_GRID. Store it with
     `store.replace(cluster=store.cluster.replace(delta=delta))`.
     """
     if recall not in ("set", "middle"):
         raise ConfigError(f"recall must be 'set' or 'middle', got {recall!r}")
+    if per not in ("layer", "kv_head"):
+        raise ConfigError(f"per must be 'layer' or 'kv_head', got {per!r}")
     if isinstance(queries, (jax.Array, np.ndarray)):
         q = jnp.asarray(queries)
     else:
@@ -848,7 +853,14 @@ def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float =
     per_query = 4 * B * H * (N * P + S)  # the slots' DIPR flags and the scores, roughly
     chunk = max(1, min(n, CALIBRATE_CHUNK_BYTES // per_query))
     r, rm = _recall_curves_jit(q, lens, store, float(beta), int(probe), float(rank_std), chunk)
-    mean = np.mean(np.asarray(r if recall == "set" else rm), axis=(0, 2, 3))  # [grid]
-    ok = np.nonzero(mean >= target_recall)[0]
-    d = DELTA_GRID[ok[0]] if ok.size else max_delta
-    return jnp.full((H,), min(d, max_delta), jnp.float32)
+    curves = np.asarray(r if recall == "set" else rm)  # [n, grid, B, H]
+    K = store.k.shape[2]
+    if per == "layer":
+        mean = curves.mean(axis=(0, 2, 3))[None]  # [1, grid]
+    else:
+        mean = curves.reshape(n, -1, B, K, H // K).mean(axis=(0, 2, 4)).T  # [K, grid]
+    out = []
+    for m in mean:
+        ok = np.nonzero(m >= target_recall)[0]
+        out.append(min(DELTA_GRID[ok[0]] if ok.size else max_delta, max_delta))
+    return jnp.asarray(np.repeat(np.asarray(out, np.float32), H // len(out)))

@@ -80,6 +80,7 @@ class Method:
     calibrate: bool = False  # calibrate delta for plan.beta on the prefill queries
     target_recall: float = 0.99
     query_aware: bool = True  # k-means in the metric of the prefill queries
+    calibrate_per: str = "layer"  # or "kv_head" (calibrate_delta's per)
 
 
 def _make_runner(plan):
@@ -168,7 +169,8 @@ def evaluate_layer(q, k, v, methods, n_decode, calib, sink, window, metric_queri
         if m.calibrate:
             d = calibrate_delta(st, [q_cal[i] for i in range(calib)], plan.beta,
                                 m.target_recall, plan.probe, plan.rank_std,
-                                lengths=[cal_len[i:i + 1] for i in range(calib)])
+                                lengths=[cal_len[i:i + 1] for i in range(calib)],
+                                per=m.calibrate_per)
             st = st.replace(cluster=st.cluster.replace(delta=d))
             delta_used = float(np.asarray(d).mean())
         o, keys_read, keys_att, attended, trunc, scored = runner(plan)(q_dec, lengths, st)
@@ -226,6 +228,9 @@ def methods_for(args):
         ms.append(Method("cluster-dipr", Plan.dipr(beta, index="cluster", probe=args.probe, **base),
                          main, True))
         ms.append(Method("cluster", Plan.dipr(beta, index="cluster", **read), main, True))
+        # the margin calibrated per kv head instead of per layer
+        ms.append(Method("cluster@kv", Plan.dipr(beta, index="cluster", **read), main, True,
+                         calibrate_per="kv_head"))
         ms.append(Method("cluster+rem", Plan.dipr(beta, index="cluster", remainder=True, **read),
                          main, True))
         ms.append(Method("cluster+rem+var", Plan.dipr(beta, index="cluster", remainder=True,
@@ -302,6 +307,7 @@ def _interp(points, x):
 
 _SUBLINEAR = ("cluster", "scalar", "super")  # families that read a fraction of the keys (index paths)
 _FIXED_OF = {"cluster": "cluster-fixed",
+             "cluster@kv": "cluster-fixed",
              "cluster-mass": "cluster-fixed",
              "cluster+rem+var": "cluster-fixed+rem+var",
              "cluster+rem+var+floor": "cluster-fixed+rem+var",
@@ -377,7 +383,7 @@ def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
                             if fixed_b4 and "recall_b4" in r else None,
                             fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
-    for fam in ("cluster", "cluster-mass", "cluster+rem+var", "scalar+rem+var+floor",
+    for fam in ("cluster", "cluster@kv", "cluster-mass", "cluster+rem+var", "scalar+rem+var+floor",
                 "scalar+rem+var+floor@b1",
                 "super+rem+var+floor@b1", "super+rem+var+floor"):
         d = [x for x in dyn if x["method"] == fam]

@@ -316,6 +316,30 @@ def test_calibrate_stacked_equals_sequence_and_brute_force(calib_case):
     assert len(deltas) > 1  # the targets reach different margins
 
 
+def test_calibrate_per_kv_head(calib_case):
+    """per="kv_head": each group's delta is the smallest grid margin whose mean recall over
+    the group's heads (brute force) reaches the target; the layer's delta lies between the
+    groups' smallest and largest; a bad name is refused."""
+    from alaya_jax.attention import DELTA_GRID, calibrate_delta
+    qs, st, short = calib_case
+    n, B, H = qs.shape[:3]
+    K = st.k.shape[2]
+    G = H // K
+    brute = np.stack([_brute_recall(qs[j], st, np.asarray(short[j]), 4.0, 2) for j in range(n)])
+    grid = np.asarray(DELTA_GRID)
+    for target in (0.9, 0.97, 0.995):
+        d = np.asarray(calibrate_delta(st, qs, 4.0, target, probe=2, lengths=short, per="kv_head"))
+        layer = float(calibrate_delta(st, qs, 4.0, target, probe=2, lengths=short)[0])
+        assert d.shape == (H,)
+        for kh in range(K):
+            mean = brute[:, :, :, kh * G:(kh + 1) * G].mean(axis=(0, 2, 3))  # [grid]
+            want = grid[np.nonzero(mean >= target - 1e-6)[0][0]]
+            np.testing.assert_array_equal(d[kh * G:(kh + 1) * G], want)
+        assert d.min() <= layer <= d.max()
+    with pytest.raises(ConfigError, match="per"):
+        calibrate_delta(st, qs, 4.0, 0.9, per="head")
+
+
 def test_calibrate_counts_only_keys_before_the_query(calib_case):
     """A query shorter than the store counts neither the indexed keys of its future (its
     recall is the brute-force one over the flat DIPR set at its length) nor the keys of its

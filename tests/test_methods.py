@@ -6,6 +6,7 @@ import pytest
 
 import alaya_jax as aj
 from alaya_jax import methods as M
+from alaya_jax.errors import ConfigError
 from tests import tiny_llama as tl
 
 
@@ -101,8 +102,9 @@ def test_prefill_collects_each_sequences_last_queries(tiny_model, prefilled):
 
 
 def test_prepare_calibrates_a_finite_delta_per_layer(tiny_model, prefilled):
-    """prepare(queries=...) stores in every layer's cluster index the margin calibrate_delta
-    finds for that layer's keys and its own queries at their causal lengths."""
+    """prepare(queries=...) stores in every layer's cluster index the margins calibrate_delta
+    finds for that layer's keys and its own queries at their causal lengths (per kv head by
+    default, one per layer with calibrate_per="layer")."""
     from alaya_jax.attention import KVStore, calibrate_delta
 
     model, _ = tiny_model
@@ -118,9 +120,18 @@ def test_prepare_calibrates_a_finite_delta_per_layer(tiny_model, prefilled):
                    else jax.tree.map(lambda a: a[i], state["cluster"]))
         want = calibrate_delta(KVStore(k, v, cache.lengths, cluster),
                                [qs.q[i, :, j] for j in range(n)], 2.0, method.target_recall,
-                               method.plan.probe, lengths=[qs.lengths[:, j] for j in range(n)])
+                               method.plan.probe, lengths=[qs.lengths[:, j] for j in range(n)],
+                               per="kv_head")
         np.testing.assert_array_equal(np.asarray(cluster.delta), np.asarray(want))
-        assert deltas[i] == float(want[0])
+        assert deltas[i] == pytest.approx(float(np.mean(want)))
+    per_layer = M.DIPR(2.0, "cluster", cluster_size=4, sink=2, window=4, calibration_queries=n,
+                       calibrate_per="layer")
+    st = per_layer.prepare(cache, H, queries=qs)
+    one = st[0]["cluster"] if isinstance(st, tuple) else jax.tree.map(lambda a: a[0],
+                                                                       st["cluster"])
+    assert len(set(np.asarray(one.delta).tolist())) == 1
+    with pytest.raises(ConfigError, match="calibrate_per"):
+        M.DIPR(2.0, "cluster", calibrate_per="head")
     with pytest.warns(UserWarning, match="without prefill queries"):
         st = method.prepare(cache, H)  # keeps the configured margin, and says so
     assert method.report(cache, H, st)["delta_per_layer"] == [method.index.cluster.delta] * 2
@@ -167,7 +178,7 @@ def test_auto_index_is_the_optimizers_choice(tiny_model, prefilled, tmp_path, cl
 
 
 def test_bad_arguments_give_clear_errors(tiny_model, prefilled):
-    from alaya_jax.errors import ConfigError, ShapeError
+    from alaya_jax.errors import ShapeError
     from alaya_jax.eval.harness import MethodSpecError, parse_method
 
     with pytest.raises(ConfigError, match="index must be one of"):
