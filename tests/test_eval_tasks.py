@@ -164,10 +164,14 @@ def test_parse_method_values():
     assert m.attention.capacity_fraction == 0.1 and m.attention.plan.index == "cluster"
     assert parse_method("dipr-flat:inf").attention.plan.beta == float("inf")
     assert parse_method("full").attention.describe() == "full"
+    m = parse_method("dipr-cluster:8:per=layer:onepass").attention
+    assert m.calibrate_per == "layer" and m.plan.one_pass
+    assert parse_method("dipr-cluster:8").attention.calibrate_per == "kv_head"
 
 
 @pytest.mark.parametrize("spec", ["dipr", "topk", "topk:x", "quest:1:2:3", "bogus:1", "dipr:8:foo=1",
-                                  "full:3", "streaming:4", "dipr:"])
+                                  "full:3", "streaming:4", "dipr:", "dipr-cluster:8:per=head",
+                                  "dipr:8:onepass=1"])
 def test_parse_method_rejects(spec):
     with pytest.raises(MethodSpecError, match=re.escape(repr(spec))):
         parse_method(spec)

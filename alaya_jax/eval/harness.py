@@ -54,7 +54,9 @@ METHOD_HELP = ("full | full-sparse | streaming[:SINK:WINDOW] | topk:K | quest:PA
                "calibrated), recall=R (calibration target), calib=N (prefill queries calibrated "
                "on), cap=FRACTION, cluster=SIZE, probe=N, remainder, var=X (remainder variance "
                "scale), read (attend every key read), plain (no recipe: attend only the DIPR set, "
-               "probe 2, no remainder), qa (cluster in the prefill queries' metric) "
+               "probe 2, no remainder), qa (cluster in the prefill queries' metric), "
+               "per=layer|kv_head (what one calibrated margin covers; default kv_head), onepass "
+               "(threshold from the bound before the index is read) "
                "(e.g. dipr-cluster:8:delta=3); BETA may be inf")
 
 
@@ -64,7 +66,8 @@ _DIPR_OPTIONS = {"delta": ("delta", float), "recall": ("target_recall", float),
                  "cluster": ("cluster_size", int), "probe": ("probe", int),
                  "remainder": ("remainder", None), "var": ("remainder_var", float),
                  "read": ("attend_read", None), "plain": ("plain", None),
-                 "qa": ("query_aware", None)}
+                 "qa": ("query_aware", None), "per": ("calibrate_per", str),
+                 "onepass": ("one_pass", None)}
 
 
 def parse_method(spec: str) -> Method:
