@@ -718,7 +718,8 @@ def _rank_estimate(q, idx: ClusterIndex, est_mean, rank_std: float, rank_var: fl
 DELTA_GRID = tuple(float(x) for x in np.arange(-4.0, 16.01, 0.25))
 
 
-def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float = 0.0):
+def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float = 0.0,
+                     rank_var: float = 0.0):
     """Recall of the flat DIPR set as a function of the margin delta, for one query.
 
     q [B,H,D] -> (recall [len(DELTA_GRID), B, H], middle_recall [same]). The query's causal
@@ -746,7 +747,8 @@ def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float
     always = valid & ((pos[None, :] < cfg.sink) | (pos[None, :] >= idx.end[:, None])
                       | (pos[None, :] >= (lengths - cfg.window)[:, None]))  # [B,S]
     exact_max = _masked_max(s_all, always[:, None, :])
-    est = _rank_estimate(q, idx, centroid_scores(q, idx.centroid, idx.block_len), rank_std)
+    est = _rank_estimate(q, idx, centroid_scores(q, idx.centroid, idx.block_len), rank_std,
+                         rank_var)
     slot_pos = idx.positions  # [B,K,N,P], -1 padding
     member = (jnp.arange(P)[None, None, None, :] < idx.block_len[..., None]) & (slot_pos >= 0)
     seen = member & (slot_pos < lengths[:, None, None, None])  # visible to the query
@@ -781,18 +783,19 @@ def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float
     return recall, mid_recall
 
 
-_recall_vs_delta_jit = jax.jit(_recall_vs_delta, static_argnames=("beta", "probe", "rank_std"))
+_recall_vs_delta_jit = jax.jit(_recall_vs_delta,
+                               static_argnames=("beta", "probe", "rank_std", "rank_var"))
 
 CALIBRATE_CHUNK_BYTES = 256 << 20  # per-chunk budget of the stacked queries' intermediates
 
 
 def _recall_curves(q, lengths, store: KVStore, beta: float, probe: int, rank_std: float,
-                   chunk: int):
+                   chunk: int, rank_var: float = 0.0):
     """Every query's recall curves in one call: q [n,B,H,D], lengths [n,B] ->
     (recall, middle_recall) [n, grid, B, H]; vmapped over chunks of `chunk` queries, the
     chunks in sequence (lax.map)."""
     f = jax.vmap(lambda qi, li: _recall_vs_delta(qi, store.replace(lengths=li), beta, probe,
-                                                 rank_std))
+                                                 rank_std, rank_var))
     n = q.shape[0]
     if chunk >= n:
         return f(q, lengths)
@@ -806,12 +809,14 @@ def _recall_curves(q, lengths, store: KVStore, beta: float, probe: int, rank_std
 
 
 _recall_curves_jit = jax.jit(_recall_curves,
-                             static_argnames=("beta", "probe", "rank_std", "chunk"))
+                             static_argnames=("beta", "probe", "rank_std", "chunk",
+                                              "rank_var"))
 
 
 def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float = 0.99,
                     probe: int = 2, rank_std: float = 0.0, lengths=None,
-                    recall: str = "set", max_delta: float = DELTA_GRID[-1], per: str = "layer"):
+                    recall: str = "set", max_delta: float = DELTA_GRID[-1], per: str = "layer",
+                    rank_var: float = 0.0):
     """The smallest margin delta whose mean recall of the flat DIPR set reaches the target.
 
     queries: sample queries of this layer (e.g. the q of the last prompt positions, seen at
@@ -819,7 +824,9 @@ def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float =
     causal lengths, [n, B] (or a sequence of n [B]; default: the store's). A query counts only
     the keys at positions < its length (indexed keys of its future are neither needed nor
     read). All n recall curves are computed in one jitted call (vmapped, in chunks of queries
-    whose intermediates fit CALIBRATE_CHUNK_BYTES). recall: "set" (the DIPR set with sink and
+    whose intermediates fit CALIBRATE_CHUNK_BYTES). probe, rank_std, rank_var: the plan's
+    (the blocks are ranked as the plan ranks them; an index with a super level is calibrated
+    as if every block were scored). recall: "set" (the DIPR set with sink and
     window, as DESIGN.md defines it) or "middle" (only the indexed keys: stricter). per:
     "layer" (one delta for all heads: the mean recall over heads reaches the target) or
     "kv_head" (one delta per kv head, shared by its group of query heads, whose mean recall
@@ -852,7 +859,8 @@ def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float =
     N, P = store.cluster.num_blocks, store.cluster.config.block_size
     per_query = 4 * B * H * (N * P + S)  # the slots' DIPR flags and the scores, roughly
     chunk = max(1, min(n, CALIBRATE_CHUNK_BYTES // per_query))
-    r, rm = _recall_curves_jit(q, lens, store, float(beta), int(probe), float(rank_std), chunk)
+    r, rm = _recall_curves_jit(q, lens, store, float(beta), int(probe), float(rank_std), chunk,
+                               float(rank_var))
     curves = np.asarray(r if recall == "set" else rm)  # [n, grid, B, H]
     K = store.k.shape[2]
     if per == "layer":

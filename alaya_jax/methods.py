@@ -158,7 +158,7 @@ class SparseMethod:
                 delta = calibrate_delta(store, jnp.moveaxis(q_all[i, :, j0:], 1, 0), plan.beta,
                                         self.target_recall, plan.probe, plan.rank_std,
                                         lengths=jnp.moveaxis(q_len[:, j0:], 1, 0),
-                                        per=self.calibrate_per)
+                                        per=self.calibrate_per, rank_var=plan.rank_var)
                 store = store.replace(cluster=store.cluster.replace(delta=delta))
             # a dict with one array leaf, so a method without indexes still has a state
             states.append(dict(cluster=store.cluster, block=store.block,

@@ -232,7 +232,7 @@ def test_real_keys_smollm2():
 # --- delta calibration: stacked queries, causal lengths ----------------------------------------
 
 
-def _brute_recall(q, st, L, beta, probe):
+def _brute_recall(q, st, L, beta, probe, rank_var=0.0):
     """Recall of the flat DIPR set at each DELTA_GRID point, by sets: q [B,H,D], L [B] the
     query's causal length. Read: the sink, the window [L - window, L), the tail [end, L), the
     probed blocks and every block whose margin rule passes at delta (m' = max over the sink,
@@ -255,8 +255,10 @@ def _brute_recall(q, st, L, beta, probe):
         for kh in range(K):
             hs = range(kh * G, kh * G + G)
             s = {h: k[b, :, kh] @ q[b, h] / np.float32(math.sqrt(D)) for h in hs}
-            est = {h: np.where(blen[b, kh] > 0, cen[b, kh] @ q[b, h] / np.float32(math.sqrt(D)),
-                               -np.inf) for h in hs}
+            kvar = np.asarray(idx.key_var)[b, kh]  # [N, D]: the variance term of the ranking
+            est = {h: np.where(blen[b, kh] > 0, cen[b, kh] @ q[b, h] / np.float32(math.sqrt(D))
+                               + 0.5 * rank_var * (kvar @ (q[b, h] ** 2)) / D, -np.inf)
+                   for h in hs}
             probed = sorted({int(i) for h in hs
                              for i in np.argsort(-est[h], kind="stable")[:probe]})
             members = [spos[b, kh, n, :blen[b, kh, n]] for n in range(N)]
@@ -314,6 +316,20 @@ def test_calibrate_stacked_equals_sequence_and_brute_force(calib_case):
             assert a.shape == (qs.shape[2],)
             deltas.add(float(a[0]))
     assert len(deltas) > 1  # the targets reach different margins
+
+
+def test_calibrate_ranks_blocks_as_the_plan(calib_case):
+    """With rank_var the curves rank blocks by q.c + rank_var * sigma^2 / 2, as the plan does:
+    equal to the brute force with that ranking, and not to the plain one."""
+    from alaya_jax.attention import _recall_curves_jit
+    qs, st, short = calib_case
+    n = qs.shape[0]
+    r = np.asarray(_recall_curves_jit(qs, short, st, 4.0, 2, 0.0, n, 2.0)[0])
+    for j in (0, n - 1):
+        want = _brute_recall(qs[j], st, np.asarray(short[j]), 4.0, 2, rank_var=2.0)
+        np.testing.assert_allclose(r[j], want, atol=1e-5)
+    plain = np.stack([_brute_recall(qs[j], st, np.asarray(short[j]), 4.0, 2) for j in range(n)])
+    assert not np.allclose(r, plain)
 
 
 def test_calibrate_per_kv_head(calib_case):
