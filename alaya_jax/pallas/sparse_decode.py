@@ -57,7 +57,8 @@ from alaya_jax.pallas import score_select as ss
 
 _SELECTS = ("auto", "bins", "radix", "top_k")
 #: Up to this capacity `lax.top_k` is XLA's single fused top-k kernel on the GPU; past it XLA
-#: sorts the rows, and the radix select's few reductions are the cheaper exact path.
+#: sorts the rows, and the grid select's two reductions (or the radix select's eight, for the
+#: exact top-k set) avoid the sort.
 _TOP_K_MAX = 16
 
 
