@@ -64,32 +64,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
-METHOD_HELP = ("decode attention: full | dipr[:BETA] (the query optimizer picks the index) | "
-               "dipr-cluster[:BETA] | dipr-flat[:BETA] | dipr-block[:BETA] | topk:K | quest:PAGES | "
-               "streaming[:WINDOW]")
+METHOD_HELP = ("decode attention: full | dipr[:BETA] (the query optimizer picks the index; BETA "
+               "defaults to 8) | dipr-cluster[:BETA] | dipr-flat[:BETA] | dipr-block[:BETA], with "
+               "`alaya eval`'s dipr options after more colons (e.g. dipr-cluster:8:onepass) | "
+               "topk:K | quest:PAGES | streaming[:WINDOW]")
 
 
 def parse_method(spec: str):
-    """'full', 'dipr:8', 'dipr-cluster:8', 'dipr-flat:8', 'topk:64', 'quest:8', 'streaming:256'
-    -> a method ('dipr' lets the optimizer choose the index)."""
+    """'full', 'dipr:8', 'dipr-cluster:8:per=layer', 'dipr-flat:8', 'topk:64', 'quest:8',
+    'streaming:256' -> a method (None for full; 'dipr' lets the optimizer choose the index).
+    The grammar of `alaya eval`'s methods (`eval.harness.parse_method`), plus two shorthands:
+    a dipr method without BETA (8) and streaming with a window alone (sink 4)."""
     import alaya_jax as aj
+    from alaya_jax.eval.harness import MethodSpecError
+    from alaya_jax.eval.harness import parse_method as parse_spec
 
     name, _, arg = spec.partition(":")
+    if name == "full" and not arg:
+        return None
+    if name in ("dipr", "dipr-cluster", "dipr-flat", "dipr-block") and not arg:
+        spec = f"{name}:8"
+    if name == "streaming" and arg and ":" not in arg:
+        try:
+            return aj.Streaming(window=int(arg))
+        except ValueError:
+            pass
     try:
-        if name == "full":
-            return None
-        if name in ("dipr", "dipr-cluster", "dipr-flat", "dipr-block"):
-            index = {"dipr": "auto"}.get(name, name.partition("-")[2])
-            return aj.DIPR(float(arg) if arg else 8.0, index)
-        if name == "topk":
-            return aj.TopK(int(arg))
-        if name == "quest":
-            return aj.Quest(int(arg))
-        if name == "streaming":
-            return aj.Streaming(window=int(arg) if arg else 64)
-    except ValueError:
-        pass
-    raise SystemExit(f"alaya: unknown --method {spec!r}; expected {METHOD_HELP}")
+        return parse_spec(spec).attention
+    except MethodSpecError:
+        raise SystemExit(f"alaya: unknown --method {spec!r}; expected {METHOD_HELP}") from None
 
 
 def cmd_info(args) -> int:

@@ -175,3 +175,18 @@ def test_parse_method_values():
 def test_parse_method_rejects(spec):
     with pytest.raises(MethodSpecError, match=re.escape(repr(spec))):
         parse_method(spec)
+
+
+def test_cli_method_grammar():
+    """`alaya generate --method` takes `alaya eval`'s grammar plus its two shorthands."""
+    from alaya_jax.cli import parse_method as cli_parse
+
+    assert cli_parse("full") is None
+    assert cli_parse("dipr").plan.beta == 8 and cli_parse("dipr-flat").plan.index == "flat"
+    m = cli_parse("dipr-cluster:6:onepass:per=layer")
+    assert m.plan.beta == 6 and m.plan.one_pass and m.calibrate_per == "layer"
+    assert cli_parse("streaming:256").plan.window == 256
+    assert cli_parse("streaming:2:8").plan.sink == 2
+    for bad in ("bogus", "streaming:x", "dipr:8:foo=1"):
+        with pytest.raises(SystemExit, match="unknown --method"):
+            cli_parse(bad)
