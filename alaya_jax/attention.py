@@ -534,7 +534,6 @@ def _sparse_path(q, store: KVStore, plan: Plan):
         kept = jnp.where(vals > 0, kept, 0).astype(jnp.int32)
         needed = kept_count
         attend_all = True
-        probe_max = exact_max
     else:
         cap = N if plan.capacity is None else min(plan.capacity, N)
         force = None

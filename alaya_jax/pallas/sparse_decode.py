@@ -152,7 +152,9 @@ def top_cap_mask(margin, cap: int):
     return jnp.where((needed > cap)[:, None], keep, passing), needed
 
 
-#: Margins at or above this are forced (the probed blocks): kept before any other.
+#: The margin given to forced blocks (the probed ones); at or above _FORCED a margin counts as
+#: forced: kept before any other.
+_FORCED_MARGIN = 1e30
 _FORCED = 1e29
 
 
@@ -275,7 +277,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
                                        interpret=interpret)
     margin = jnp.where(nonempty, margin, MASK_VALUE)
     if force is not None:
-        margin = jnp.where(force & nonempty, jnp.float32(1e30), margin)  # >= _FORCED
+        margin = jnp.where(force & nonempty, jnp.float32(_FORCED_MARGIN), margin)
 
     # 3. the kept list
     kept, kept_count, needed = select_kept(margin, cap, config.select)
