@@ -326,7 +326,8 @@ def DIPR(beta: float = 8.0, index: str = "auto", *, sink: int = 4, window: int =
     None calibrates it per kv head (calibrate_per="kv_head", or per layer with "layer") on the
     last `calibration_queries` prefill queries of each sequence for a mean recall
     `target_recall` of the flat DIPR set. plan_kw: further
-    `Plan` options of the cluster plan (attend_read, probe, remainder_var, mass_eps, ...).
+    `Plan` options of the cluster plan (attend_read, probe, remainder_var, mass_eps, one_pass,
+    ...).
     block_size (default 2 x cluster_size) and balance_rounds: the cluster index's storage
     (`ClusterConfig`); block_size = cluster_size with a few balance rounds keeps the
     cluster-ordered copy near 1x the cache instead of ~3x (for long contexts). tail_capacity
