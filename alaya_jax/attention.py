@@ -715,6 +715,7 @@ def _rank_estimate(q, idx: ClusterIndex, est_mean, rank_std: float, rank_var: fl
 
 
 DELTA_GRID = tuple(float(x) for x in np.arange(-4.0, 16.01, 0.25))
+CALIBRATE_PER = ("layer", "kv_head")  # what one calibrated margin covers (calibrate_delta's per)
 
 
 def _recall_vs_delta(q, store: KVStore, beta: float, probe: int, rank_std: float = 0.0,
@@ -836,8 +837,8 @@ def calibrate_delta(store: KVStore, queries, beta: float, target_recall: float =
     """
     if recall not in ("set", "middle"):
         raise ConfigError(f"recall must be 'set' or 'middle', got {recall!r}")
-    if per not in ("layer", "kv_head"):
-        raise ConfigError(f"per must be 'layer' or 'kv_head', got {per!r}")
+    if per not in CALIBRATE_PER:
+        raise ConfigError(f"per must be one of {CALIBRATE_PER}, got {per!r}")
     if isinstance(queries, (jax.Array, np.ndarray)):
         q = jnp.asarray(queries)
     else:

@@ -20,8 +20,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from alaya_jax.attention import (IndexConfig, KVStore, Plan, build_store, calibrate_delta,
-                                 sparse_attention)
+from alaya_jax.attention import (CALIBRATE_PER, IndexConfig, KVStore, Plan, build_store,
+                                 calibrate_delta, sparse_attention)
 from alaya_jax.errors import ConfigError, ShapeError
 from alaya_jax.index.block import BlockConfig, append_block_index
 from alaya_jax.index.cluster import ClusterConfig, fold_tail, fold_tail_slices, tail_slices
@@ -79,8 +79,8 @@ class SparseMethod:
     calibrate_per: str = "kv_head"
 
     def __post_init__(self):
-        if self.calibrate_per not in ("layer", "kv_head"):
-            raise ConfigError(f"calibrate_per must be 'layer' or 'kv_head', got "
+        if self.calibrate_per not in CALIBRATE_PER:  # at construction, not at prepare
+            raise ConfigError(f"calibrate_per must be one of {CALIBRATE_PER}, got "
                               f"{self.calibrate_per!r}")
         if self.query_aware and self.calibration_queries < 1:
             raise ConfigError("query_aware clustering needs prefill queries: calibration_queries "

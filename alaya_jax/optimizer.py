@@ -200,6 +200,8 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
         return sum(jnp.sum(sparse_attention(q, st, plan)[0]) for st in stores)
 
     fn = jax.jit(calls, static_argnames=("plan",))
+    stats_of = jax.jit(lambda q, st, plan: sparse_attention(q, st, plan)[1],
+                       static_argnames=("plan",))
     meas = {p: [] for p in ("flat", "block", "cluster")}
     cfg = IndexConfig(cluster=ClusterConfig(cluster_size=cluster_size,
                                             block_size=2 * cluster_size),
@@ -227,7 +229,7 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
 
             # per layer: the difference of all layers and one (the call's dispatch cancels)
             per_layer = (timed(stores) - timed(stores[:1])) / max(layers - 1, 1)
-            stats = jax.jit(sparse_attention, static_argnames=("plan",))(q, stores[0], plan)[1]
+            stats = stats_of(q, stores[0], plan)
             read = float(np.mean(np.asarray(stats.keys_read)))  # rows + keys, per kv head
             bytes_ = kv_heads * read * 2 * head_dim * 2  # k and v (rows: upper bound), bf16
             meas[path].append((bytes_, max(per_layer, 1e-9) * 1e6))

@@ -69,9 +69,9 @@ def parse_method(spec: str):
     name, _, arg = spec.partition(":")
     if name == "dipr":  # dipr:beta[:capacity_fraction[:impl[:flag...]]]
         beta, cap, impl, *flags = (arg.split(":") + ["", ""])
-        flags = {f for f in flags if f}
-        if flags - {"compact", "onepass"}:
-            raise SystemExit(f"unknown dipr flags {sorted(flags - {'compact', 'onepass'})}")
+        unknown = {f for f in flags if f} - {"compact", "onepass"}
+        if unknown:
+            raise SystemExit(f"unknown dipr flags {sorted(unknown)}")
         # compact: blocks of cluster_size slots, 4 balance rounds (~1x the cache, not ~3x);
         # onepass: Plan.one_pass (threshold m' - beta, no keys-only pass over the kept blocks)
         size = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
