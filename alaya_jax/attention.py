@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alaya_jax.dipr import _plain_gemm
 from alaya_jax.dipr import (MASK_VALUE, always_kept, check_decode_shapes, dipr_mask,
                             masked_attention, merge_attention, normalize, positions_mask,
                             scaled_scores, softmax_parts)
@@ -324,9 +325,13 @@ def _take_tokens(x, start, size):
 def _attend_exact(s, mask, v):
     """s, mask [B,H,M], v [B,M,K,D] (the exact region's values) -> AttentionOut.
 
-    Multiply + reduce, no transpose or batched dot: slices of the positional cache feeding a
-    transpose or a (b, k)-batched dot made XLA on a GPU keep the whole cache in a transposed
-    layout (a copy of every layer's K and V per step: 1.3 ms per 2 layers at 128K, H200)."""
+    No transpose or batched dot: slices of the positional cache feeding a transpose or a
+    (b, k)-batched dot made XLA on a GPU keep the whole cache in a transposed layout (a copy of
+    every layer's K and V per step: 1.3 ms per 2 layers at 128K, H200). On a GPU, plain GEMMs
+    against the block-diagonal query (`dipr.masked_attention`: 3 kernels); elsewhere
+    multiply + reduce per query head."""
+    if _plain_gemm():
+        return masked_attention(s, mask, v)
     B, H, M = s.shape
     K, D = v.shape[2], v.shape[3]
     p, l, m = softmax_parts(s, mask)
@@ -356,6 +361,8 @@ def _exact_region(q, store: KVStore, sink: int, tail_start, tail_size: int, leng
     in_sink = jnp.arange(s0 + tsz)[None, :] < s0
     valid = (pos < lengths[:, None]) & (in_sink | ((pos >= tail_start[:, None]) & (pos >= s0)))
     H = q.shape[1]
+    if _plain_gemm():  # one GEMM on the region's small copy (`dipr.scaled_scores`)
+        return _Exact(scaled_scores(q, kk), pos, valid, vv)
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
     kf = kk.astype(jnp.float32)
     # per query head of a group, a 4-D multiply + reduce ([B,M,K,G] after the stack). Jitted on

@@ -231,6 +231,10 @@ def methods_for(args):
         # the margin calibrated per kv head instead of per layer
         ms.append(Method("cluster@kv", Plan.dipr(beta, index="cluster", **read), main, True,
                          calibrate_per="kv_head"))
+        # the same with the summaries stored in bf16 (half the bytes the centroid scores read)
+        ms.append(Method("cluster@kv+bf16", Plan.dipr(beta, index="cluster", **read),
+                         dataclasses.replace(main, summary_dtype="bfloat16"), True,
+                         calibrate_per="kv_head"))
         ms.append(Method("cluster+rem", Plan.dipr(beta, index="cluster", remainder=True, **read),
                          main, True))
         ms.append(Method("cluster+rem+var", Plan.dipr(beta, index="cluster", remainder=True,
@@ -308,6 +312,7 @@ def _interp(points, x):
 _SUBLINEAR = ("cluster", "scalar", "super")  # families that read a fraction of the keys (index paths)
 _FIXED_OF = {"cluster": "cluster-fixed",
              "cluster@kv": "cluster-fixed",
+             "cluster@kv+bf16": "cluster-fixed",
              "cluster-mass": "cluster-fixed",
              "cluster+rem+var": "cluster-fixed+rem+var",
              "cluster+rem+var+floor": "cluster-fixed+rem+var",
@@ -383,7 +388,7 @@ def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
                             if fixed_b4 and "recall_b4" in r else None,
                             fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
-    for fam in ("cluster", "cluster@kv", "cluster-mass", "cluster+rem+var", "scalar+rem+var+floor",
+    for fam in ("cluster", "cluster@kv", "cluster@kv+bf16", "cluster-mass", "cluster+rem+var", "scalar+rem+var+floor",
                 "scalar+rem+var+floor@b1",
                 "super+rem+var+floor@b1", "super+rem+var+floor"):
         d = [x for x in dyn if x["method"] == fam]

@@ -69,14 +69,20 @@ def parse_method(spec: str):
     name, _, arg = spec.partition(":")
     if name == "dipr":  # dipr:beta[:capacity_fraction[:impl[:flag...]]]
         beta, cap, impl, *flags = (arg.split(":") + ["", ""])
-        unknown = {f for f in flags if f} - {"compact", "onepass"}
+        unknown = {f for f in flags if f} - {"compact", "onepass", "f32", "noprobe"}
         if unknown:
             raise SystemExit(f"unknown dipr flags {sorted(unknown)}")
         # compact: blocks of cluster_size slots, 4 balance rounds (~1x the cache, not ~3x);
-        # onepass: Plan.one_pass (threshold m' - beta, no keys-only pass over the kept blocks)
-        size = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
+        # onepass: Plan.one_pass (threshold m' - beta, no keys-only pass over the kept blocks);
+        # f32: the cluster summaries stored in f32 (DIPR's default: bf16); noprobe: probe 0 (m'
+        # from the exact region alone; the margins come from the score_select kernel)
+        kw = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
+        if "f32" in flags:
+            kw["summary_dtype"] = "float32"
+        if "noprobe" in flags:
+            kw["probe"] = 0
         return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
-                      impl=impl or "auto", one_pass="onepass" in flags, **size)
+                      impl=impl or "auto", one_pass="onepass" in flags, **kw)
     if name == "dipr-auto":  # dipr-auto:beta: the optimizer's plan for each context
         return M.DIPR(float(arg), "auto")
     if name == "quest":
@@ -90,7 +96,8 @@ def main(argv=None):
                     help="contexts to time (none: only --profile)")
     ap.add_argument("--methods", nargs="+",
                     default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
-                    help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas[:compact][:onepass]] | "
+                    help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas"
+                         "[:compact][:onepass][:f32][:noprobe]] | "
                          "dipr-auto:BETA | quest:PAGES")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")

@@ -84,6 +84,39 @@ def test_abstract_matches_build():
 EXACT = Plan.dipr(2.0, index="cluster", sink=3, window=5, delta=float("inf"), return_mask=True)
 
 
+def test_bf16_summaries_are_stored_narrow_and_follow_appends():
+    """summary_dtype="bfloat16" stores centroid and value_mean as bf16 (half the bytes the
+    centroid scores read): the f32 index's summaries rounded, through builds and folds; the
+    abstract tree says so; with an unlimited margin the path stays exact."""
+    bcfg = IndexConfig(cluster=dataclasses.replace(CFG, summary_dtype="bfloat16"), block=None)
+    q, k, v, lengths = _case(2)
+    B, S, K, D = k.shape
+    S_cap = 96
+    kc = jnp.zeros((B, S_cap, K, D), k.dtype).at[:, :S].set(k)
+    vc = jnp.zeros((B, S_cap, K, D), v.dtype).at[:, :S].set(v)
+    st32 = build_jit(kc, vc, lengths, ICFG, n_heads=q.shape[1])
+    st16 = build_jit(kc, vc, lengths, bcfg, n_heads=q.shape[1])
+    abstract = KVStore.abstract(bcfg, B, S_cap, q.shape[1], K, D, dtype=k.dtype)
+    shape_dtype = lambda t: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), t)
+    assert shape_dtype(st16) == shape_dtype(abstract)
+    new_k = jnp.asarray(np.random.default_rng(1).normal(size=(B, 23, K, D)), k.dtype)
+    end0 = np.asarray(st16.cluster.end)
+    for _ in range(2):
+        for name in ("centroid", "value_mean"):
+            a16, a32 = getattr(st16.cluster, name), getattr(st32.cluster, name)
+            assert a16.dtype == jnp.bfloat16 and a32.dtype == jnp.float32
+            # the f32 running means differ from the bf16 ones only by the rounding of each fold
+            np.testing.assert_allclose(np.asarray(a16, np.float32), np.asarray(a32),
+                                       rtol=2 ** -7, atol=2 ** -7)
+        o, stats = attend_jit(q, st16, EXACT)
+        ref = dipr_jit(q, st16.k, st16.v, 2.0, 3, 5, st16.lengths)
+        np.testing.assert_allclose(np.asarray(o), np.asarray(ref.o), atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(stats.attended), np.asarray(ref.kept))
+        st16, _ = append_jit(st16, new_k, new_k)  # passes tail_capacity: folds
+        st32, _ = append_jit(st32, new_k, new_k)
+    assert (np.asarray(st16.cluster.end) > end0).all()  # the appends folded into the index
+
+
 # GQA groups here 1 and 8; 3 and 4 run through the cluster path in the other tests
 @pytest.mark.parametrize("G", [1, 8])
 def test_unlimited_margin_and_capacity_equals_flat_exactly(G):
