@@ -134,8 +134,12 @@ class ClusterConfig:
     def num_clusters(self, S: int) -> int:  # C
         return max(1, -(-S // self.cluster_size))
 
-    def num_blocks(self, S: int) -> int:  # N
-        return -(-S // self.block_size) + self.num_clusters(S) + self.spare_blocks
+    def num_blocks(self, S: int) -> int:
+        """N: the blocks the layout needs (ceil(S / block_size) + clusters + spare), rounded
+        up to a multiple of 64, the margins kernel's row tile (an N off it costs that kernel
+        a padded copy of the centroids per call: 11 us per layer at 128K, 8B shapes, H200)."""
+        n = -(-S // self.block_size) + self.num_clusters(S) + self.spare_blocks
+        return -(-n // 64) * 64
 
     def num_supers(self, S: int) -> int:  # NS (0 without the super level)
         return -(-self.num_clusters(S) // self.super_size) if self.super_size else 0
