@@ -361,8 +361,10 @@ def _exact_region(q, store: KVStore, sink: int, tail_start, tail_size: int, leng
     in_sink = jnp.arange(s0 + tsz)[None, :] < s0
     valid = (pos < lengths[:, None]) & (in_sink | ((pos >= tail_start[:, None]) & (pos >= s0)))
     H = q.shape[1]
-    if _plain_gemm():  # one GEMM on the region's small copy (`dipr.scaled_scores`)
-        return _Exact(scaled_scores(q, kk), pos, valid, vv)
+    if _plain_gemm():  # one GEMM on the region's small copy (`dipr.scaled_scores`). The
+        # barrier keeps the GEMM's split-K sum a kernel of its own: fused with the masks after
+        # it, XLA on a GPU wrote it in a transposed layout (27 us per layer, H200, one_pass)
+        return _Exact(jax.lax.optimization_barrier(scaled_scores(q, kk)), pos, valid, vv)
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
     kf = kk.astype(jnp.float32)
     # per query head of a group, a 4-D multiply + reduce ([B,M,K,G] after the stack). Jitted on
