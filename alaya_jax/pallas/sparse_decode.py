@@ -31,12 +31,11 @@ under "pallas".
 
 Measured (benchmarks/results/sparse_decode_gpu.json, Llama-3-8B shapes, batch 1, inside the
 32-layer jitted decode loop, H200, capacity 5% of the blocks, blocks of 32 slots with balanced
-clusters): 7.36 ms/token at 4K and 8.94 at 128K (1.21x), against 4.61 and 8.29 for cuDNN full
-attention (1.80x). A profile of 2 layers at 128K puts this path at ~150 us per layer of GPU
-time against cuDNN's ~122: ~35 us in the two Mosaic kernels (kept max and attention, ~80 MB
-read), ~11 us in the f32 centroid scores of the probe, and ~50 small XLA kernels of 1.5-5 us
-(exact region, selection, merges, stats). At 4K the same launches make the path ~1.3x slower
-than flat DIPR; the optimizer picks flat there.
+clusters, bf16 summaries): 6.87 ms/token at 4K and 8.59 at 128K (1.25x); with one_pass 6.97 /
+8.07 (1.16x); with one_pass and probe 0 (the margins kernel) 6.16 / 7.51 (1.22x); cuDNN full
+attention 4.56 / 8.16 (1.79x) in the same calls. At 4K the ~50 small XLA kernels around the two
+Mosaic kernels (exact region, selection, merges, stats) make this path slower than flat DIPR;
+the optimizer picks flat there.
 """
 from __future__ import annotations
 
