@@ -227,6 +227,15 @@ def methods_for(args):
     for beta in args.betas:  # the main configuration, every variant
         ms.append(Method("cluster-dipr", Plan.dipr(beta, index="cluster", probe=args.probe, **base),
                          main, True))
+        # plain DIPR (only the keys within beta of the max read attended), margins per kv head
+        # and bf16 summaries: probe 2 and the exact threshold, against probe 0 and one_pass
+        # (m' from the exact region alone, threshold m' - beta: the GPU kernels' fastest plan)
+        bf = dataclasses.replace(main, summary_dtype="bfloat16")
+        ms.append(Method("cluster-dipr@kv", Plan.dipr(beta, index="cluster", probe=args.probe,
+                                                      **base), bf, True, calibrate_per="kv_head"))
+        ms.append(Method("cluster-dipr@kv+onepass", Plan.dipr(
+            beta, index="cluster", probe=0, one_pass=True, **base), bf, True,
+            calibrate_per="kv_head"))
         ms.append(Method("cluster", Plan.dipr(beta, index="cluster", **read), main, True))
         # the margin calibrated per kv head instead of per layer
         ms.append(Method("cluster@kv", Plan.dipr(beta, index="cluster", **read), main, True,
