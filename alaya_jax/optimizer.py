@@ -15,7 +15,14 @@ default). Bytes per kv head, with F the fraction of the context a path reads:
     cluster  1 centroid row per cluster + the clusters read:  (S / C + 2 * F_cluster * S) * D ...
 
 F_cluster(beta) and F_block(beta) come from the quality benchmark (keys read at the
-calibrated margin on real keys), stored in the same table. The optimizer only chooses among
+calibrated margin on real keys), stored in the same table. A table may split a path's cost
+into its two kinds of work (`row_bandwidth_gbs`): the summary rows (scored, and the selection
+over them, per row of the index) and the keys read (the attention over the kept groups):
+
+    time = overhead + row bytes / row bandwidth + key bytes / bandwidth
+
+fitted from runs at two capacities per context (`measure_cost_table`): one bandwidth for both
+charges a large read (DIPR at beta 8 reads ~1/3 of the keys) at the per-row work's slope. The optimizer only chooses among
 plans whose index the store has; a user may force a plan (`force=`), and the choice says so.
 """
 
@@ -65,6 +72,7 @@ class CostTable:
     cluster_size: int = 32
     page_size: int = 32
     source: str = ""
+    row_bandwidth_gbs: dict = dataclasses.field(default_factory=dict)  # path -> GB/s of rows
 
     @staticmethod
     def load(kind: str = "cpu", path: Optional[str] = None) -> "CostTable":
@@ -136,14 +144,20 @@ def estimate(shape: QueryShape, beta: float, table: CostTable) -> tuple[dict, di
     """(time_us, bytes) per path for one call."""
     S, B, K, D, it = shape.context, shape.batch, shape.kv_heads, shape.head_dim, shape.itemsize
     row = D * it
-    kv_bytes = {
-        "flat": 2 * S * row,
-        "block": (2 * S / table.page_size + 2 * table.fraction("block", beta) * S) * row,
-        "cluster": (S / table.cluster_size + 2 * table.fraction("cluster", beta) * S) * row,
-    }
-    bytes_read = {p: B * K * b for p, b in kv_bytes.items()}
-    times = {p: table.overhead_us[p] + bytes_read[p] / (table.bandwidth_gbs[p] * 1e3)
-             for p in kv_bytes if p in table.overhead_us}
+    rows = {"flat": 0.0, "block": 2 * S / table.page_size, "cluster": S / table.cluster_size}
+    keys = {"flat": 2 * S, "block": 2 * table.fraction("block", beta) * S,
+            "cluster": 2 * table.fraction("cluster", beta) * S}
+    bytes_read = {p: B * K * (rows[p] + keys[p]) * row for p in rows}
+    times = {}
+    for p in rows:
+        if p not in table.overhead_us:
+            continue
+        if p in table.row_bandwidth_gbs:
+            t = (B * K * rows[p] * row / (table.row_bandwidth_gbs[p] * 1e3)
+                 + B * K * keys[p] * row / (table.bandwidth_gbs[p] * 1e3))
+        else:
+            t = bytes_read[p] / (table.bandwidth_gbs[p] * 1e3)
+        times[p] = table.overhead_us[p] + t
     return times, bytes_read
 
 
@@ -184,7 +198,9 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
     a row, each on its own store (as in the decode loop: no layer's index left in the cache
     for the next): the time of all layers less that of one, over layers - 1 (the call's
     dispatch cancels). The plan is the one the DIPR method runs (the GPU kernels where they
-    apply); cluster and block plans with a capacity of 10% of the groups."""
+    apply); block plans with a capacity of 10% of the groups, cluster plans (every block
+    passing its margin) with capacities of 10% and 30%, so that the cluster path's time is
+    fitted as overhead + per-row work + keys read (`row_bandwidth_gbs`)."""
     import time
 
     import jax
@@ -203,8 +219,10 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
     stats_of = jax.jit(lambda q, st, plan: sparse_attention(q, st, plan)[1],
                        static_argnames=("plan",))
     meas = {p: [] for p in ("flat", "block", "cluster")}
+    cluster_rows = []  # (row bytes, key bytes, us)
     cfg = IndexConfig(cluster=ClusterConfig(cluster_size=cluster_size,
-                                            block_size=2 * cluster_size),
+                                            block_size=2 * cluster_size,
+                                            summary_dtype="bfloat16"),
                       block=BlockConfig(page_size))
     for S in contexts:
         stores = []
@@ -213,11 +231,14 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
             q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
             stores.append(build_store(k, v, jnp.asarray([S], jnp.int32), cfg, n_heads=heads))
         jax.block_until_ready(stores)
-        for path in meas:
+        runs = [("flat", None), ("block", 0.1), ("cluster", 0.1), ("cluster", 0.3)]
+        for path, cap in runs:
             groups = S // (cluster_size if path == "cluster" else page_size)
-            kw = dict(CLUSTER_PLAN, delta=2.0) if path == "cluster" else {}
-            plan = Plan.dipr(4.0, index=path, capacity=None if path == "flat" else
-                             max(1, groups // 10), **kw)
+            # cluster: every block passes (delta inf), so the capacity sets the keys read
+            kw = dict(CLUSTER_PLAN, delta=float("inf")) if path == "cluster" else {}
+            plan = Plan.dipr(4.0, index=path, capacity=None if cap is None else
+                             max(1, int(groups * cap)), **kw)
+
             def timed(some):
                 jax.block_until_ready(fn(q, some, plan))
                 ts = []
@@ -233,8 +254,13 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
             read = float(np.mean(np.asarray(stats.keys_read)))  # rows + keys, per kv head
             bytes_ = kv_heads * read * 2 * head_dim * 2  # k and v (rows: upper bound), bf16
             meas[path].append((bytes_, max(per_layer, 1e-9) * 1e6))
-            log(f"cost table: {path:8s} context {S:7d}: {meas[path][-1][1]:9.1f} us per layer, "
-                f"{bytes_ / 1e6:9.2f} MB read")
+            if path == "cluster":  # the estimate's row count (S / C) and the keys read
+                kept = read - float(np.mean(np.asarray(stats.rows_scored)))
+                cluster_rows.append((kv_heads * S / cluster_size * head_dim * 2,
+                                     kv_heads * 2 * kept * head_dim * 2, meas[path][-1][1]))
+            log(f"cost table: {path:8s} context {S:7d}"
+                + (f", capacity {cap:.0%}" if cap else "")
+                + f": {meas[path][-1][1]:9.1f} us per layer, {bytes_ / 1e6:9.2f} MB read")
         del stores
     overhead, bw = {}, {}
     for p, pts in meas.items():  # least squares: t = overhead + bytes * slope
@@ -244,11 +270,34 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
         slope = max(slope, 1e-9)  # us per byte
         bw[p] = 1.0 / slope / 1e3  # GB/s
         overhead[p] = float(max(icpt, 0.0))
+    row_bw = {}
+    fit = fit_rows_and_keys(cluster_rows)
+    if fit is not None:
+        overhead["cluster"], row_bw["cluster"], bw["cluster"] = fit
     dev = jax.devices()[0]
     return dict(device_kind="cpu" if dev.platform == "cpu" else dev.device_kind,
                 overhead_us=overhead, bandwidth_gbs=bw,
                 read_fraction=read_fraction or {}, cluster_size=cluster_size, page_size=page_size,
+                row_bandwidth_gbs=row_bw,
                 measured_us={p: [dict(bytes=b, us=t) for b, t in pts] for p, pts in meas.items()},
+                cluster_runs=[dict(row_bytes=r, key_bytes=k, us=t) for r, k, t in cluster_rows],
                 source=f"measure_cost_table(contexts={tuple(contexts)}, kv_heads={kv_heads}, "
                        f"heads={heads}, head_dim={head_dim}, layers={layers}) on {dev}, jax "
                        f"{jax.__version__}")
+
+
+def fit_rows_and_keys(runs):
+    """runs [(row bytes, key bytes, us)] -> (overhead us, row GB/s, key GB/s) of
+    t = overhead + row bytes / row bandwidth + key bytes / bandwidth by least squares, or None
+    when the runs cannot separate the terms (fewer than 3, or a singular system) or a fitted
+    cost per byte is not positive."""
+    if len(runs) < 3:
+        return None
+    a = np.array([[1.0, r, k] for r, k, _ in runs])
+    t = np.array([u for _, _, u in runs])
+    if np.linalg.matrix_rank(a / np.maximum(np.abs(a).max(0), 1e-30)) < 3:
+        return None
+    (icpt, per_row, per_key), *_ = np.linalg.lstsq(a, t, rcond=None)
+    if per_row <= 0 or per_key <= 0:
+        return None
+    return float(max(icpt, 0.0)), float(1.0 / per_row / 1e3), float(1.0 / per_key / 1e3)

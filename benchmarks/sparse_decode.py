@@ -76,15 +76,20 @@ def parse_method(spec: str):
         # onepass: Plan.one_pass (threshold m' - beta, no keys-only pass over the kept blocks);
         # f32: the cluster summaries stored in f32 (DIPR's default: bf16); noprobe: probe 0 (m'
         # from the exact region alone; the margins come from the score_select kernel)
+        # (explicit, whatever DIPR's defaults: no flag is probe 2 with the exact threshold)
         kw = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
         if "f32" in flags:
             kw["summary_dtype"] = "float32"
-        if "noprobe" in flags:
-            kw["probe"] = 0
         return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
-                      impl=impl or "auto", one_pass="onepass" in flags, **kw)
-    if name == "dipr-auto":  # dipr-auto:beta: the optimizer's plan for each context
-        return M.DIPR(float(arg), "auto")
+                      impl=impl or "auto", one_pass="onepass" in flags,
+                      probe=0 if "noprobe" in flags else 2, **kw)
+    if name == "dipr-auto":  # dipr-auto:beta[:capacity_fraction[:compact]]: the optimizer's
+        # plan for each context with DIPR's default plan options
+        beta, cap, *flags = arg.split(":") + [""]
+        if {f for f in flags if f} - {"compact"}:
+            raise SystemExit(f"unknown dipr-auto flags {flags}")
+        kw = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
+        return M.DIPR(float(beta), "auto", capacity_fraction=float(cap) if cap else None, **kw)
     if name == "quest":
         return M.Quest(int(arg))
     raise SystemExit(f"unknown method {spec!r}")
@@ -98,7 +103,7 @@ def main(argv=None):
                     default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
                     help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas"
                          "[:compact][:onepass][:f32][:noprobe]] | "
-                         "dipr-auto:BETA | quest:PAGES")
+                         "dipr-auto:BETA[:CAPACITY_FRACTION[:compact]] | quest:PAGES")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")
     ap.add_argument("--steps", type=int, default=16)

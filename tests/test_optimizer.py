@@ -7,7 +7,10 @@ import pytest
 
 from alaya_jax.attention import Plan
 from alaya_jax.errors import ConfigError
-from alaya_jax.optimizer import TABLE_DIR, CostTable, QueryShape, choose_plan, estimate
+import dataclasses
+
+from alaya_jax.optimizer import (TABLE_DIR, CostTable, QueryShape, choose_plan, estimate,
+                                fit_rows_and_keys)
 
 TABLE = CostTable(
     device_kind="test", overhead_us={"flat": 5.0, "block": 30.0, "cluster": 40.0},
@@ -49,6 +52,27 @@ def test_batch_scales_bytes():
     _, b1 = estimate(QueryShape(context=8192, batch=1), 4.0, TABLE)
     _, b4 = estimate(QueryShape(context=8192, batch=4), 4.0, TABLE)
     assert b4["cluster"] == pytest.approx(4 * b1["cluster"])
+
+
+def test_rows_and_keys_fit_and_estimate():
+    """The two-term cost model: the fit recovers known constants from runs at two capacities
+    and two contexts, and refuses runs that cannot separate the terms; the estimate charges
+    the index's rows and the keys read at their own bandwidths."""
+    truth = lambda r, k: 50.0 + r / 2e5 + k / 2e6  # us; rows at 200 GB/s, keys at 2 TB/s
+    runs = [(r, k, truth(r, k)) for r, k in ((1e6, 4e6), (1e6, 12e6), (3e7, 1e8), (3e7, 3e8))]
+    assert fit_rows_and_keys(runs) == pytest.approx((50.0, 200.0, 2000.0))
+    assert fit_rows_and_keys(runs[:2]) is None
+    assert fit_rows_and_keys([(1e6, 4e6, 70.0), (2e6, 8e6, 90.0), (3e6, 12e6, 110.0)]) is None
+    assert fit_rows_and_keys([(1e6, 4e6, 90.0), (1e6, 8e6, 70.0), (3e6, 4e6, 95.0)]) is None
+    split = dataclasses.replace(TABLE, row_bandwidth_gbs={"cluster": 200.0},
+                                bandwidth_gbs=dict(TABLE.bandwidth_gbs, cluster=2000.0))
+    shape = QueryShape(context=131072, heads=32, kv_heads=8, head_dim=128)
+    times, nbytes = estimate(shape, 8.0, split)
+    rows = 8 * 131072 / 32 * 128 * 2
+    keys = 8 * 2 * 0.3 * 131072 * 128 * 2
+    assert nbytes["cluster"] == pytest.approx(rows + keys)
+    assert times["cluster"] == pytest.approx(40.0 + rows / 200e3 + keys / 2000e3)
+    assert times["flat"] == estimate(shape, 8.0, TABLE)[0]["flat"]  # paths without a split
 
 
 def test_committed_tables_load():

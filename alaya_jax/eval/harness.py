@@ -54,9 +54,10 @@ METHOD_HELP = ("full | full-sparse | streaming[:SINK:WINDOW] | topk:K | quest:PA
                "calibrated), recall=R (calibration target), calib=N (prefill queries calibrated "
                "on), cap=FRACTION, cluster=SIZE, probe=N, remainder, var=X (remainder variance "
                "scale), read (attend every key read), plain (no recipe: attend only the DIPR set, "
-               "probe 2, no remainder), qa (cluster in the prefill queries' metric), "
+               "probe 0, one_pass, no remainder), qa (cluster in the prefill queries' metric), "
                "per=layer|kv_head (what one calibrated margin covers; default kv_head), onepass "
-               "(threshold from the bound before the index is read) "
+               "(threshold from the bound before the index is read; the default), exact "
+               "(threshold = max read - beta) "
                "(e.g. dipr-cluster:8:delta=3); BETA may be inf")
 
 
@@ -67,7 +68,7 @@ _DIPR_OPTIONS = {"delta": ("delta", float), "recall": ("target_recall", float),
                  "remainder": ("remainder", None), "var": ("remainder_var", float),
                  "read": ("attend_read", None), "plain": ("plain", None),
                  "qa": ("query_aware", None), "per": ("calibrate_per", str),
-                 "onepass": ("one_pass", None)}
+                 "onepass": ("one_pass", None), "exact": ("exact", None)}
 
 
 def parse_method(spec: str) -> Method:
@@ -95,6 +96,8 @@ def parse_method(spec: str) -> Method:
                     arg, conv = _DIPR_OPTIONS[key]
                     if arg == "plain":
                         kw.update(M.PLAIN_CLUSTER_PLAN)
+                    elif arg == "exact":
+                        kw["one_pass"] = False
                     else:
                         kw[arg] = True if conv is None else conv(val)
                 else:
