@@ -303,15 +303,15 @@ def Quest(pages: int, page_size: int = 32, sink: int = 4, window: int = 64) -> S
 
 # The cluster plan's options: the accuracy recipe of `alaya_jax.attention`'s docstring (attend
 # every key read, estimate the unread clusters, always read each query head's 8 best clusters)
-# and the plain DIPR rule (attend only the keys within beta of the bound m' from the sink,
-# window and tail: one_pass, no probe). On SmolLM2's keys (benchmarks/results/dipr_quality.json,
-# families cluster-dipr@kv+onepass vs cluster-dipr@kv) the plain rule gives the output error of
-# probe 2 with the exact threshold (max read - beta) at beta 5-8 from slightly fewer reads
-# (1-10% more error at beta 1-4); on the GPU kernels it is the fastest plan (no probe top-k,
-# the margins kernel, one read of the kept blocks: 7.51 vs 8.59 ms/token at 128K, 8B shapes).
+# and the plain DIPR rule (attend only the keys within beta of the max read; the selection's
+# bound m' from the sink, window and tail: no probe). On SmolLM2's keys
+# (benchmarks/results/dipr_quality.json, families cluster-dipr@kv+noprobe and cluster-dipr@kv)
+# probe 0 gives the output error of probe 2 at beta 5-8; on the GPU kernels it saves the probe's
+# top-k and gathers and takes the margins kernel. `one_pass=True` (threshold m' - beta: one
+# read of the kept blocks; a superset of the DIPR set, the same error at beta 5-8) is the
+# fastest plan there (7.51 ms/token at 128K, 8B shapes, H200, against 8.59 exact with probe 2).
 ACCURACY_PLAN = dict(attend_read=True, remainder=True, remainder_var=0.5, probe=8)
-PLAIN_CLUSTER_PLAN = dict(attend_read=False, remainder=False, remainder_var=0.0, probe=0,
-                          one_pass=True)
+PLAIN_CLUSTER_PLAN = dict(attend_read=False, remainder=False, remainder_var=0.0, probe=0)
 CLUSTER_PLAN = PLAIN_CLUSTER_PLAN  # DIPR's default (see DIPR's docstring for the measurements)
 
 

@@ -228,11 +228,14 @@ def methods_for(args):
         ms.append(Method("cluster-dipr", Plan.dipr(beta, index="cluster", probe=args.probe, **base),
                          main, True))
         # plain DIPR (only the keys within beta of the max read attended), margins per kv head
-        # and bf16 summaries: probe 2 and the exact threshold, against probe 0 and one_pass
-        # (m' from the exact region alone, threshold m' - beta: the GPU kernels' fastest plan)
+        # and bf16 summaries: probe 2 and the exact threshold, against probe 0 (m' from the
+        # exact region alone), and probe 0 with one_pass (threshold m' - beta: the GPU
+        # kernels' fastest plan)
         bf = dataclasses.replace(main, summary_dtype="bfloat16")
         ms.append(Method("cluster-dipr@kv", Plan.dipr(beta, index="cluster", probe=args.probe,
                                                       **base), bf, True, calibrate_per="kv_head"))
+        ms.append(Method("cluster-dipr@kv+noprobe", Plan.dipr(
+            beta, index="cluster", probe=0, **base), bf, True, calibrate_per="kv_head"))
         ms.append(Method("cluster-dipr@kv+onepass", Plan.dipr(
             beta, index="cluster", probe=0, one_pass=True, **base), bf, True,
             calibrate_per="kv_head"))

@@ -54,10 +54,9 @@ METHOD_HELP = ("full | full-sparse | streaming[:SINK:WINDOW] | topk:K | quest:PA
                "calibrated), recall=R (calibration target), calib=N (prefill queries calibrated "
                "on), cap=FRACTION, cluster=SIZE, probe=N, remainder, var=X (remainder variance "
                "scale), read (attend every key read), plain (no recipe: attend only the DIPR set, "
-               "probe 0, one_pass, no remainder), qa (cluster in the prefill queries' metric), "
+               "probe 0, no remainder), qa (cluster in the prefill queries' metric), "
                "per=layer|kv_head (what one calibrated margin covers; default kv_head), onepass "
-               "(threshold from the bound before the index is read; the default), exact "
-               "(threshold = max read - beta) "
+               "(threshold from the bound before the index is read) "
                "(e.g. dipr-cluster:8:delta=3); BETA may be inf")
 
 
@@ -68,7 +67,7 @@ _DIPR_OPTIONS = {"delta": ("delta", float), "recall": ("target_recall", float),
                  "remainder": ("remainder", None), "var": ("remainder_var", float),
                  "read": ("attend_read", None), "plain": ("plain", None),
                  "qa": ("query_aware", None), "per": ("calibrate_per", str),
-                 "onepass": ("one_pass", None), "exact": ("exact", None)}
+                 "onepass": ("one_pass", None)}
 
 
 def parse_method(spec: str) -> Method:
@@ -96,8 +95,6 @@ def parse_method(spec: str) -> Method:
                     arg, conv = _DIPR_OPTIONS[key]
                     if arg == "plain":
                         kw.update(M.PLAIN_CLUSTER_PLAN)
-                    elif arg == "exact":
-                        kw["one_pass"] = False
                     else:
                         kw[arg] = True if conv is None else conv(val)
                 else:
