@@ -260,8 +260,15 @@ def _choose(method: SparseMethod, shape: QueryShape) -> Choice:
             plan = dataclasses.replace(base, capacity=_capacity(method, base.index, shape.context))
         return choose_plan(shape, base.beta, available=(base.index,), table=table, force=plan,
                            sink=base.sink, window=base.window)
+    read_cap = None
+    if method.capacity_fraction is not None:  # the most a capacity lets each index read
+        S = shape.context
+        read_cap = {"cluster": _capacity(method, "cluster", S)
+                    * method.index.cluster.block_size / S,
+                    "block": _capacity(method, "block", S)
+                    * (method.index.block or BlockConfig()).page_size / S}
     choice = choose_plan(shape, base.beta, available=("flat", "block", "cluster"), table=table,
-                         sink=base.sink, window=base.window)
+                         sink=base.sink, window=base.window, read_cap=read_cap)
     if choice.path == "cluster":
         plan = base
     else:  # the flat and block plans answer DIPR exactly: nothing of the cluster recipe applies

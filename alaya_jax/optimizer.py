@@ -140,13 +140,16 @@ class Choice:
         return "\n".join(lines)
 
 
-def estimate(shape: QueryShape, beta: float, table: CostTable) -> tuple[dict, dict]:
-    """(time_us, bytes) per path for one call."""
+def estimate(shape: QueryShape, beta: float, table: CostTable,
+             read_cap: Optional[dict] = None) -> tuple[dict, dict]:
+    """(time_us, bytes) per path for one call. read_cap: path -> the most of the context a
+    static capacity lets the path read (caps the table's read fraction)."""
     S, B, K, D, it = shape.context, shape.batch, shape.kv_heads, shape.head_dim, shape.itemsize
     row = D * it
+    cap = read_cap or {}
+    frac = lambda p: min(table.fraction(p, beta), cap.get(p, 1.0))  # noqa: E731
     rows = {"flat": 0.0, "block": 2 * S / table.page_size, "cluster": S / table.cluster_size}
-    keys = {"flat": 2 * S, "block": 2 * table.fraction("block", beta) * S,
-            "cluster": 2 * table.fraction("cluster", beta) * S}
+    keys = {"flat": 2 * S, "block": 2 * frac("block") * S, "cluster": 2 * frac("cluster") * S}
     bytes_read = {p: B * K * (rows[p] + keys[p]) * row for p in rows}
     times = {}
     for p in rows:
@@ -163,10 +166,12 @@ def estimate(shape: QueryShape, beta: float, table: CostTable) -> tuple[dict, di
 
 def choose_plan(shape: QueryShape, beta: float = 4.0, available: Sequence[str] = ("flat",),
                 table: Optional[CostTable] = None, force: Optional[Plan] = None,
-                sink: int = 4, window: int = 64, **plan_kw) -> Choice:
-    """The cheapest DIPR plan among the indexes the store has (`available`), or `force`."""
+                sink: int = 4, window: int = 64, read_cap: Optional[dict] = None,
+                **plan_kw) -> Choice:
+    """The cheapest DIPR plan among the indexes the store has (`available`), or `force`.
+    read_cap: see `estimate` (the method's static capacities)."""
     table = table or default_table()
-    times, bytes_read = estimate(shape, beta, table)
+    times, bytes_read = estimate(shape, beta, table, read_cap)
     for p in available:
         if p not in ("flat", "block", "cluster"):
             raise ConfigError(f"unknown index {p!r} (expected flat, block or cluster)")

@@ -83,13 +83,14 @@ def parse_method(spec: str):
         return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
                       impl=impl or "auto", one_pass="onepass" in flags,
                       probe=0 if "noprobe" in flags else 2, **kw)
-    if name == "dipr-auto":  # dipr-auto:beta[:capacity_fraction[:compact]]: the optimizer's
-        # plan for each context with DIPR's default plan options
+    if name == "dipr-auto":  # dipr-auto:beta[:capacity_fraction[:compact][:onepass]]: the
+        # optimizer's plan for each context with DIPR's default plan options
         beta, cap, *flags = arg.split(":") + [""]
-        if {f for f in flags if f} - {"compact"}:
+        if {f for f in flags if f} - {"compact", "onepass"}:
             raise SystemExit(f"unknown dipr-auto flags {flags}")
         kw = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
-        return M.DIPR(float(beta), "auto", capacity_fraction=float(cap) if cap else None, **kw)
+        return M.DIPR(float(beta), "auto", capacity_fraction=float(cap) if cap else None,
+                      one_pass="onepass" in flags, **kw)
     if name == "quest":
         return M.Quest(int(arg))
     raise SystemExit(f"unknown method {spec!r}")
@@ -103,7 +104,7 @@ def main(argv=None):
                     default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
                     help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas"
                          "[:compact][:onepass][:f32][:noprobe]] | "
-                         "dipr-auto:BETA[:CAPACITY_FRACTION[:compact]] | quest:PAGES")
+                         "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | quest:PAGES")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")
     ap.add_argument("--steps", type=int, default=16)

@@ -75,6 +75,18 @@ def test_rows_and_keys_fit_and_estimate():
     assert times["flat"] == estimate(shape, 8.0, TABLE)[0]["flat"]  # paths without a split
 
 
+def test_a_capacity_caps_the_read_fraction():
+    shape = QueryShape(context=1 << 17)
+    capped, nbytes = estimate(shape, 8.0, TABLE, read_cap={"cluster": 0.05})
+    low = dataclasses.replace(TABLE, read_fraction=dict(TABLE.read_fraction,
+                                                        cluster={"8": 0.05}))
+    assert capped["cluster"] == pytest.approx(estimate(shape, 8.0, low)[0]["cluster"])
+    assert capped["cluster"] < estimate(shape, 8.0, TABLE)[0]["cluster"]
+    assert capped["flat"] == estimate(shape, 8.0, TABLE)[0]["flat"]
+    # a cap above the table's fraction changes nothing
+    assert estimate(shape, 8.0, TABLE, read_cap={"cluster": 0.9})[0] == estimate(shape, 8.0, TABLE)[0]
+
+
 def test_committed_tables_load():
     paths = glob.glob(os.path.join(TABLE_DIR, "*.json"))
     assert any(p.endswith("cpu.json") for p in paths)
