@@ -134,8 +134,11 @@ class SparseMethod:
         query_aware = self.query_aware and plan.index == "cluster" and queries is not None
         if calibrate and queries is None:
             warnings.warn(f"{self.describe()} was prepared without prefill queries: the cluster "
-                          f"index keeps its uncalibrated delta ({config.cluster.delta:g}); pass "
-                          f"prefill(..., collect_queries={self.calibration_queries})'s queries",
+                          f"index keeps its uncalibrated delta ({config.cluster.delta:g}), which "
+                          f"may read most of the keys (with probe 0 the selection's bound m' "
+                          f"comes from the sink, window and tail alone); pass "
+                          f"prefill(..., collect_queries={self.calibration_queries})'s queries, "
+                          f"or a capacity_fraction",
                           stacklevel=2)
             calibrate = False
         if calibrate or query_aware:
