@@ -49,10 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax.dipr import _plain_gemm
-from alaya_jax.dipr import (MASK_VALUE, always_kept, check_decode_shapes, dipr_mask,
-                            masked_attention, merge_attention, normalize, positions_mask,
-                            scaled_scores, softmax_parts)
+from alaya_jax.dipr import (MASK_VALUE, _plain_gemm, always_kept, check_decode_shapes,
+                            dipr_mask, masked_attention, merge_attention, normalize,
+                            positions_mask, scaled_scores, softmax_parts)
 from alaya_jax.errors import ConfigError, PlanError, ShapeError
 from alaya_jax.index.block import (BlockConfig, BlockIndex, append_block_index, build_block_index,
                                    page_upper_bounds)

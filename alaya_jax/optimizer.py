@@ -22,7 +22,8 @@ over them, per row of the index) and the keys read (the attention over the kept 
     time = overhead + row bytes / row bandwidth + key bytes / bandwidth
 
 fitted from runs at two capacities per context (`measure_cost_table`): one bandwidth for both
-charges a large read (DIPR at beta 8 reads ~1/3 of the keys) at the per-row work's slope. The optimizer only chooses among
+charges a large read (DIPR at beta 8 reads ~1/3 of the keys) at the per-row work's slope. A
+static capacity caps the fraction charged (`read_cap`). The optimizer only chooses among
 plans whose index the store has; a user may force a plan (`force=`), and the choice says so.
 """
 

@@ -400,7 +400,8 @@ def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
                             if fixed_b4 and "recall_b4" in r else None,
                             fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
-    for fam in ("cluster", "cluster@kv", "cluster@kv+bf16", "cluster-mass", "cluster+rem+var", "scalar+rem+var+floor",
+    for fam in ("cluster", "cluster@kv", "cluster@kv+bf16", "cluster-mass", "cluster+rem+var",
+                "scalar+rem+var+floor",
                 "scalar+rem+var+floor@b1",
                 "super+rem+var+floor@b1", "super+rem+var+floor"):
         d = [x for x in dyn if x["method"] == fam]

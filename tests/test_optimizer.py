@@ -84,7 +84,8 @@ def test_a_capacity_caps_the_read_fraction():
     assert capped["cluster"] < estimate(shape, 8.0, TABLE)[0]["cluster"]
     assert capped["flat"] == estimate(shape, 8.0, TABLE)[0]["flat"]
     # a cap above the table's fraction changes nothing
-    assert estimate(shape, 8.0, TABLE, read_cap={"cluster": 0.9})[0] == estimate(shape, 8.0, TABLE)[0]
+    loose = estimate(shape, 8.0, TABLE, read_cap={"cluster": 0.9})[0]
+    assert loose == estimate(shape, 8.0, TABLE)[0]
 
 
 def test_committed_tables_load():
