@@ -84,6 +84,16 @@ def test_abstract_matches_build():
 EXACT = Plan.dipr(2.0, index="cluster", sink=3, window=5, delta=float("inf"), return_mask=True)
 
 
+def test_block_count_is_a_whole_number_of_kernel_tiles_for_large_indexes():
+    """Large indexes get N a multiple of the margins kernel's 64-row tile (no padded copy of
+    the centroids per call); small ones keep the blocks they need."""
+    for cfg in (ClusterConfig(), ClusterConfig(block_size=32, balance_rounds=4)):
+        for S in (131072 + 256, 40000, 1 << 20):
+            n = -(-S // cfg.block_size) + cfg.num_clusters(S)
+            assert cfg.num_blocks(S) % 64 == 0 and n <= cfg.num_blocks(S) < n + 64
+    assert CFG.num_blocks(61) == 8 + 8  # ceil(61 / 8) + ceil(61 / 8) clusters
+
+
 def test_bf16_summaries_are_stored_narrow_and_follow_appends():
     """summary_dtype="bfloat16" stores centroid and value_mean as bf16 (half the bytes the
     centroid scores read): the f32 index's summaries rounded, through builds and folds; the

@@ -88,16 +88,15 @@ def test_gqa4_probe_threshold_capacity_remainder(data):
 
 
 def test_bf16_summaries(data):
-    """Centroids stored in bf16 (ClusterConfig.summary_dtype): the probe's XLA estimates and
-    the margins kernel (G = 4, probe 0) read them; same answers as the jnp path."""
+    """Centroids stored in bf16 (ClusterConfig.summary_dtype), read by the margins kernel
+    (G = 4, probe 0): the same answers as the jnp path."""
     q, store = data
     cfg = dataclasses.replace(store.cluster.config, summary_dtype="bfloat16")
     store = build_store_jit(store.k, store.v, store.lengths, IndexConfig(cluster=cfg, block=None),
                             n_heads=q.shape[1])
     assert store.cluster.centroid.dtype == jnp.bfloat16
-    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=DELTA_RAGGED, capacity=12)
-    assert_same(*run_both(q, store, plan))
-    got, want = run_both(q, store, dataclasses.replace(plan, probe=0, delta=2.0, capacity=None))
+    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=0, delta=2.0)
+    got, want = run_both(q, store, plan)
     assert 0 < np.asarray(want[1].groups_kept).sum() < np.asarray(store.cluster.block_len > 0).sum()
     assert_same(got, want)
 

@@ -56,10 +56,12 @@ _VAR_SUMMARIES = ("channel", "scalar")
 _SUMMARY_DTYPES = ("float32", "bfloat16", "int8")
 
 
-#: N is a multiple of the margins kernel's row tile (pallas/score_select._TILE): an N off it
-#: costs that kernel a padded copy of the centroids per call (11 us per layer at 128K, 8B
-#: shapes, H200).
+#: Past _ROUND_FROM blocks, N is a multiple of the margins kernel's row tile
+#: (pallas/score_select._TILE): an N off it costs that kernel a padded copy of the centroids per
+#: call (11 us per layer at 128K, 8B shapes, H200); below, the copy is a few rows and the
+#: rounding would only add empty blocks (up to 4x for the smallest indexes).
 _BLOCKS_ROUND = 64
+_ROUND_FROM = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +144,9 @@ class ClusterConfig:
 
     def num_blocks(self, S: int) -> int:
         """N: the blocks the layout needs (ceil(S / block_size) + clusters + spare), rounded
-        up to a multiple of _BLOCKS_ROUND."""
+        up to a multiple of _BLOCKS_ROUND from _ROUND_FROM blocks."""
         n = -(-S // self.block_size) + self.num_clusters(S) + self.spare_blocks
-        return -(-n // _BLOCKS_ROUND) * _BLOCKS_ROUND
+        return n if n < _ROUND_FROM else -(-n // _BLOCKS_ROUND) * _BLOCKS_ROUND
 
     def num_supers(self, S: int) -> int:  # NS (0 without the super level)
         return -(-self.num_clusters(S) // self.super_size) if self.super_size else 0
