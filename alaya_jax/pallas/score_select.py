@@ -311,7 +311,7 @@ def _margins_mgpu(queries, tables, n_blocks, threshold, *, config, interpret):
   tabs = []
   for t in tables:
     t = t.astype(dtype).reshape(bk, n, d)
-    if n_pad != n:  # a copy of the table (ClusterConfig.num_blocks rounds N to a multiple of 64)
+    if n_pad != n:  # a copy (ClusterConfig.num_blocks rounds a large N to a multiple of 64)
       t = jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0)))
     tabs.append(t.reshape(-1, d))
   n_tiles = n_pad // _TILE
