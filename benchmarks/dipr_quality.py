@@ -243,6 +243,10 @@ def methods_for(args):
         # the margin calibrated per kv head instead of per layer
         ms.append(Method("cluster@kv", Plan.dipr(beta, index="cluster", **read), main, True,
                          calibrate_per="kv_head"))
+        # clusters ranked (and DIPR's rule applied) by the log-normal estimate of their mean
+        # softmax weight, q.c + var(q.k) / 2, against the fixed budget ranked the same way
+        ms.append(Method("cluster@kv+rv", Plan.dipr(beta, index="cluster", rank_var=0.5,
+                                                    **read), main, True, calibrate_per="kv_head"))
         # the same with the summaries stored in bf16 (half the bytes the centroid scores read)
         ms.append(Method("cluster@kv+bf16", Plan.dipr(beta, index="cluster", **read),
                          dataclasses.replace(main, summary_dtype="bfloat16"), True,
@@ -269,6 +273,8 @@ def methods_for(args):
         # the same number of top clusters every step
         ms.append(Method("cluster-fixed", Plan.dipr(4.0, index="cluster", delta=1e4, capacity=cap,
                                                     **read), main))
+        ms.append(Method("cluster-fixed+rv", Plan.dipr(4.0, index="cluster", delta=1e4,
+                                                       capacity=cap, rank_var=0.5, **read), main))
         ms.append(Method("cluster-fixed+rem+var", Plan.dipr(
             4.0, index="cluster", remainder=True, remainder_var=0.5, delta=1e4, capacity=cap,
             **read), main))
@@ -325,6 +331,7 @@ _SUBLINEAR = ("cluster", "scalar", "super")  # families that read a fraction of 
 _FIXED_OF = {"cluster": "cluster-fixed",
              "cluster@kv": "cluster-fixed",
              "cluster@kv+bf16": "cluster-fixed",
+             "cluster@kv+rv": "cluster-fixed+rv",
              "cluster-mass": "cluster-fixed",
              "cluster+rem+var": "cluster-fixed+rem+var",
              "cluster+rem+var+floor": "cluster-fixed+rem+var",
@@ -400,7 +407,8 @@ def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
                             if fixed_b4 and "recall_b4" in r else None,
                             fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
-    for fam in ("cluster", "cluster@kv", "cluster@kv+bf16", "cluster-mass", "cluster+rem+var",
+    for fam in ("cluster", "cluster@kv", "cluster@kv+bf16", "cluster@kv+rv", "cluster-mass",
+                "cluster+rem+var",
                 "scalar+rem+var+floor",
                 "scalar+rem+var+floor@b1",
                 "super+rem+var+floor@b1", "super+rem+var+floor"):
