@@ -69,14 +69,17 @@ def test_every_key_in_exactly_one_block_and_positions_round_trip():
     assert ((cid >= 0) == (np.asarray(idx.block_len) > 0)).all()
 
 
-def test_abstract_matches_build():
-    q, k, v, lengths, st = _store(3)
+@pytest.mark.parametrize("config", [ICFG, IndexConfig(cluster=dataclasses.replace(
+    CFG, var_summary="scalar", super_size=2, summary_dtype="bfloat16"), block=None)],
+    ids=["default", "super+bf16"])
+def test_abstract_matches_build(config):
+    q, k, v, lengths, st = _store(3, config=config)
     B, S, K, D = k.shape
-    abstract = KVStore.abstract(ICFG, B, S, q.shape[1], K, D, dtype=k.dtype)
+    abstract = KVStore.abstract(config, B, S, q.shape[1], K, D, dtype=k.dtype)
     got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), st)
     want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), abstract)
     assert got == want
-    shaped = jax.eval_shape(functools.partial(build_store, config=ICFG, n_heads=q.shape[1]),
+    shaped = jax.eval_shape(functools.partial(build_store, config=config, n_heads=q.shape[1]),
                             k, v, lengths)
     assert jax.tree_util.tree_structure(shaped) == jax.tree_util.tree_structure(abstract)
 

@@ -200,9 +200,9 @@ def _super_abstract(config, B, S, K, D):
     N, NS = config.num_blocks(S), config.num_supers(S)
     sds = jax.ShapeDtypeStruct
     return dict(super_id=sds((B, K, N), jnp.int32), super_len=sds((B, K, NS), jnp.int32),
-                super_centroid=sds((B, K, NS, D), jnp.float32),
+                super_centroid=sds((B, K, NS, D), summary_storage(config)),
                 super_key_var=sds((B, K, NS, D), jnp.float32),
-                super_value_mean=sds((B, K, NS, D), jnp.float32))
+                super_value_mean=sds((B, K, NS, D), summary_storage(config)))
 
 
 # ----------------------------------------------------------------------------- build
@@ -425,8 +425,10 @@ def super_summaries(super_id, block_len, centroid, key_var, value_mean, NS: int,
 
     super_id, block_len [..., N]; centroid, key_var, value_mean [..., N, D] -> super_len
     [..., NS] int32 and super centroid, key_var (within + between blocks; rank 1 with the
-    blocks' profile when var_summary="scalar"), value_mean [..., NS, D] f32.
+    blocks' profile when var_summary="scalar"), value_mean [..., NS, D] (f32 sums; the
+    centroid and value_mean stored as the blocks' are).
     """
+    centroid, value_mean = centroid.astype(jnp.float32), value_mean.astype(jnp.float32)
     onehot = (super_id[..., None] == jnp.arange(NS)) & (block_len[..., None] > 0)  # [...,N,NS]
     w = onehot * block_len[..., None].astype(jnp.float32)
     n = jnp.sum(w, axis=-2)  # [..., NS]
