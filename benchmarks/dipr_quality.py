@@ -224,6 +224,7 @@ def methods_for(args):
 
     read = dict(probe=args.probe, attend_read=True, **base)
     main = cfg_of(args.main_cluster_size)
+    bf = dataclasses.replace(main, summary_dtype="bfloat16")  # bf16 summaries
     for beta in args.betas:  # the main configuration, every variant
         ms.append(Method("cluster-dipr", Plan.dipr(beta, index="cluster", probe=args.probe, **base),
                          main, True))
@@ -231,7 +232,6 @@ def methods_for(args):
         # and bf16 summaries: probe 2 and the exact threshold, against probe 0 (m' from the
         # exact region alone), and probe 0 with one_pass (threshold m' - beta: the GPU
         # kernels' fastest plan)
-        bf = dataclasses.replace(main, summary_dtype="bfloat16")
         ms.append(Method("cluster-dipr@kv", Plan.dipr(beta, index="cluster", probe=args.probe,
                                                       **base), bf, True, calibrate_per="kv_head"))
         ms.append(Method("cluster-dipr@kv+noprobe", Plan.dipr(
@@ -248,8 +248,7 @@ def methods_for(args):
         ms.append(Method("cluster@kv+rv", Plan.dipr(beta, index="cluster", rank_var=0.5,
                                                     **read), main, True, calibrate_per="kv_head"))
         # the same with the summaries stored in bf16 (half the bytes the centroid scores read)
-        ms.append(Method("cluster@kv+bf16", Plan.dipr(beta, index="cluster", **read),
-                         dataclasses.replace(main, summary_dtype="bfloat16"), True,
+        ms.append(Method("cluster@kv+bf16", Plan.dipr(beta, index="cluster", **read), bf, True,
                          calibrate_per="kv_head"))
         ms.append(Method("cluster+rem", Plan.dipr(beta, index="cluster", remainder=True, **read),
                          main, True))
