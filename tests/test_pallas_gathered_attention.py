@@ -123,6 +123,46 @@ def test_reference_empty_rows_and_remainder_merge():
   np.testing.assert_allclose(o2[0, 2], want, rtol=1e-4, atol=1e-6)
 
 
+def test_merge_splits_equals_softmax_over_the_union():
+  """Partials of disjoint key sets (some empty) merge to attention over their union, the
+  remainder included; an all-empty row stays empty (o 0, lse EMPTY_LSE)."""
+  rng = np.random.default_rng(5)
+  b, k, s, g, d, m = 2, 2, 5, 3, 16, 7
+  q = rng.standard_normal((b, k, g, d))
+  keys = rng.standard_normal((b, k, s, m, d)) * 2
+  vals = rng.standard_normal((b, k, s, m, d))
+  mask = rng.random((b, k, s, g, m)) < 0.6
+  mask[0, 0, 1:] = False                       # head row (0,0): one split holds every key
+  mask[1, 1] = False                           # head row (1,1): nothing at all
+  o_part, lse_part = np.zeros((b, k, s, g, d)), np.zeros((b, k, s, g))
+  for i in np.ndindex(b, k, s):
+    kq = np.repeat(keys[i][None], g, 0)
+    o_part[i], lse_part[i] = dense_attention(q[i[:2]], kq, np.repeat(vals[i][None], g, 0),
+                                             mask[i])
+  for remainder in (None, (rng.standard_normal((b, k * g, d)), np.abs(rng.standard_normal(
+      (b, k * g))), rng.standard_normal((b, k * g)))):
+    rem = None if remainder is None else tuple(jnp.asarray(x, jnp.float32) for x in remainder)
+    o, lse = jax.jit(ga.merge_splits)(jnp.asarray(o_part, jnp.float32),
+                                      jnp.asarray(lse_part, jnp.float32), rem)
+    for i in np.ndindex(b, k):
+      kq = np.repeat(keys[i].reshape(1, s * m, d), g, 0)
+      vq = np.repeat(vals[i].reshape(1, s * m, d), g, 0)
+      full_mask = np.moveaxis(mask[i], 0, 1).reshape(g, s * m)
+      want_o, want_lse = dense_attention(q[i], kq, vq, full_mask)
+      rows = slice(i[1] * g, (i[1] + 1) * g)
+      if remainder is not None:  # mass exp(max) * den, numerator exp(max) * num
+        r_num, r_den, r_max = (np.asarray(x)[i[0], rows] for x in remainder)
+        has = want_lse > EMPTY_LSE / 2
+        e_mass = np.where(has, np.exp(np.where(has, want_lse, 0.0)), 0.0)
+        tot = e_mass + np.exp(r_max) * r_den
+        want_o = (want_o * e_mass[:, None] + r_num * np.exp(r_max)[:, None]) / tot[:, None]
+        want_lse = np.log(tot)
+      np.testing.assert_allclose(np.asarray(o[i[0], rows]), want_o, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(lse[i[0], rows]), want_lse, rtol=1e-5, atol=1e-6)
+    if remainder is None:
+      assert np.all(np.asarray(o[1, 3:6]) == 0) and np.all(np.asarray(lse[1, 3:6]) == EMPTY_LSE)
+
+
 def test_exact_dipr_threshold_matches_flat_dipr():
   """threshold = max over read - beta makes the kernel's mask exact DIPR over what was read."""
   q, keys, vals, blen, kept, cnt, _ = make(b=1, k=1, g=2, n=6, cap=6, dtype=jnp.float32)

@@ -8,6 +8,8 @@ across sequences and kv heads (ragged, truncated by the capacity), none and all 
 """
 import dataclasses
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,6 +172,12 @@ def test_top_cap_bins_keeps_a_near_full_top_set():
             assert np.all(k[m[r] >= 1e29]), (cap, r)  # forced rows kept
             x_next = np.sort(v)[::-1][cap]  # the best row that cannot fit
             assert k.sum() >= (v >= x_next + 1.001 * best / 32**2).sum(), (cap, r, k.sum())
+        # without forced rows, the forced=False form (fewer kernels) picks the same set
+        free = np.delete(m, 2, axis=0)
+        keep_f, needed_f = jax.jit(functools.partial(sd.top_cap_bins, forced=False),
+                                   static_argnums=1)(jnp.asarray(free), cap)
+        np.testing.assert_array_equal(np.asarray(keep_f), np.delete(keep, 2, axis=0))
+        np.testing.assert_array_equal(np.asarray(needed_f), np.delete(needed, 2, axis=0))
 
 
 def test_dispatch(data):

@@ -430,17 +430,30 @@ def kernel_supports(q, keys) -> str | None:
   return None
 
 
+def _merge_pair(a, b):
+  """Log-sum-exp merge of two normalized partials (lse, o) (the combiner of `merge_splits`)."""
+  (la, oa), (lb, ob) = a, b
+  m = jnp.maximum(la, lb)
+  wa, wb = jnp.exp(la - m), jnp.exp(lb - m)
+  w = wa + wb
+  return m + jnp.log(w), (oa * wa + ob * wb) / w
+
+
 def merge_splits(o_part, lse_part, remainder):
-  """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..]."""
-  b, k, _, g, d = o_part.shape
-  m = lse_part.max(axis=2)                                                    # [B,K,G]
-  w = jnp.broadcast_to(jnp.exp(lse_part - m[:, :, None])[..., None], o_part.shape)
-  # Mass and numerator as sibling reductions of one shape: XLA runs them as one kernel
-  # (the merge is launch-bound: 5 small kernels before, ~8 us of the GPU's time at 1M).
-  l = w.sum(axis=2)[..., 0]
-  num = (w * o_part).sum(axis=2)
-  l = jnp.where(m <= EMPTY_LSE / 2, 0.0, l)
-  return merge_remainder(m.reshape(b, k * g), l.reshape(b, k * g), num.reshape(b, k * g, d),
+  """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..].
+
+  One variadic reduction over the splits with `_merge_pair` as its combiner (the lse
+  broadcast over D so both operands have one shape): a single kernel on a GPU, where the
+  two-pass form (max, weights, mass, numerator) took four small kernels per call. Empty
+  partials (lse = EMPTY_LSE, o = 0) merge to an empty partial (EMPTY_LSE is finite)."""
+  b, k, s, g, d = o_part.shape
+  lse_b = jnp.broadcast_to(lse_part.astype(jnp.float32)[..., None], o_part.shape)
+  init = (jnp.float32(EMPTY_LSE), jnp.float32(0.0))
+  lse, o = lax.reduce((lse_b, o_part.astype(jnp.float32)), init,
+                      lambda x, y: _merge_pair((x[0], x[1]), (y[0], y[1])), (2,))
+  lse = lse[..., 0]
+  l = jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0)
+  return merge_remainder(lse.reshape(b, k * g), l.reshape(b, k * g), o.reshape(b, k * g, d),
                          remainder)
 
 

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from alaya_jax.errors import ConfigError, ShapeError
@@ -109,7 +110,8 @@ def _prefix_counts(x):
   totals): on a GPU two GEMM kernels, where XLA's cumsum is several reduce-window passes.
   Exact: 0/1 products summed in f32 (counts far below 2**24)."""
   t = x.shape[-1]
-  tri = lambda n, above: jnp.triu(jnp.ones((n, n), jnp.bfloat16), above)  # 1 where j >= i+above
+  # numpy constants: literals in the program (built with jnp, XLA ran a kernel per call)
+  tri = lambda n, above: np.triu(np.ones((n, n), jnp.bfloat16), above)  # 1 where j >= i+above
   inner = jnp.einsum("rtj,jk->rtk", x.astype(jnp.bfloat16), tri(t, 0),
                      preferred_element_type=jnp.float32)
   total = inner[..., -1]  # [R, T], at most 128: exact in bf16

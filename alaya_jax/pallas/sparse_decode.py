@@ -44,6 +44,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from alaya_jax.dipr import MASK_VALUE, AttentionOut, merge_attention
@@ -157,7 +158,7 @@ _FORCED_MARGIN = 1e30
 _FORCED = 1e29
 
 
-def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2):
+def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2, forced: bool = True):
     """margin [R, N] f32 -> (keep [R, N] bool, needed [R] int32): every block with margin >= 0
     when at most `cap` pass; otherwise those at or above a threshold t > 0 with at most `cap`
     at or above it, t the lowest point that holds on a grid of `bins` ** `rounds` levels over
@@ -167,15 +168,22 @@ def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2):
     are kept (the compaction then keeps the first `cap` in block order).
 
     Each round is one reduction ([R, bins, N] compares, no sort): an eighth of the work of
-    one pass of `top_cap_mask`'s radix select, which needs four."""
+    one pass of `top_cap_mask`'s radix select, which needs four.
+
+    forced=False: the caller forces no block, so the forced-margin handling is left out (the
+    best margin and the count are then sibling reductions of the margins: one kernel)."""
     R, N = margin.shape
     passing = margin >= 0
     needed = jnp.sum(passing, -1, dtype=jnp.int32)
     if cap >= N:
         return passing, needed
-    forced = margin >= _FORCED
-    best = jnp.max(jnp.where(passing & ~forced, margin, 0.0), -1)  # [R]
-    v = jnp.where(passing, jnp.minimum(margin, best[:, None]), -1.0)
+    if forced:
+        is_forced = margin >= _FORCED
+        best = jnp.max(jnp.where(passing & ~is_forced, margin, 0.0), -1)  # [R]
+        v = jnp.where(passing, jnp.minimum(margin, best[:, None]), -1.0)
+    else:
+        best = jnp.max(jnp.where(passing, margin, 0.0), -1)
+        v = jnp.where(passing, margin, -1.0)
     lo, hi = jnp.zeros((R,), jnp.float32), best
     steps = jnp.arange(1, bins + 1, dtype=jnp.float32) / bins
     for _ in range(rounds):
@@ -193,7 +201,7 @@ def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2):
     return keep, needed
 
 
-def select_kept(margin, cap: int, how: str = "radix"):
+def select_kept(margin, cap: int, how: str = "radix", forced: bool = True):
     """margin [B, K, N] (block_len and forcing applied) -> (kept [B,K,W], kept_count, needed):
     the best `cap` margins >= 0, as `index.cluster.select_blocks` (kept in block order here);
     W = min(cap, N), rounded up to a multiple of 4 past the top_k path (entries past
@@ -205,8 +213,10 @@ def select_kept(margin, cap: int, how: str = "radix"):
         sel = select_blocks(margin, jnp.zeros((B, K)), jnp.zeros((B, K)), 0.0, 0.0, cap,
                             jnp.ones((B, K, N), jnp.int32), K)
         return sel.kept, sel.kept_count, sel.needed
-    pick = top_cap_mask if how == "radix" else top_cap_bins
-    keep, needed = pick(margin.reshape(B * K, N), cap)
+    if how == "radix":
+        keep, needed = top_cap_mask(margin.reshape(B * K, N), cap)
+    else:
+        keep, needed = top_cap_bins(margin.reshape(B * K, N), cap, forced=forced)
     cap = min(cap, N)
     sel = ss.compact(jnp.where(keep, 1.0, -1.0).reshape(B, K, N), cap, -(-cap // 4) * 4)
     return sel.kept, sel.kept_count, needed.reshape(B, K)
@@ -272,7 +282,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     if use_est:
         margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
     else:
-        margin = ss.block_margins_mgpu(q, idx.centroid, jnp.full((B, K), N, jnp.int32), thr,
+        margin = ss.block_margins_mgpu(q, idx.centroid, np.full((B, K), N, np.int32), thr,
                                        interpret=interpret)
     margin = jnp.where(nonempty, margin, MASK_VALUE)
     if force is not None:
@@ -282,7 +292,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     # [R, bins, N] count reductions, XLA on a GPU recomputed them from the per-head estimates
     # for every bin (27 us per layer at 128K, 8B shapes, H200, with one_pass).
     margin = lax.optimization_barrier(margin)
-    kept, kept_count, needed = select_kept(margin, cap, config.select)
+    kept, kept_count, needed = select_kept(margin, cap, config.select, forced=force is not None)
 
     # 4. the threshold: exact DIPR over everything read
     if plan.attend_read:
