@@ -1,6 +1,5 @@
 """Block scoring + DIPR selection: the jnp reference against brute force and hand-made cases,
 and the Mosaic GPU margins kernel against the reference (CPU interpreter / native GPU)."""
-import itertools
 import math
 
 import jax
@@ -8,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alaya_jax.errors import ConfigError
 from alaya_jax.pallas import score_select as ss
 from alaya_jax.pallas._mgpu import MASK_VALUE
 
@@ -93,16 +91,15 @@ def test_hand_made_selection():
 
 
 def test_compact_positions_cross_tiles():
-  """More than one 128-row tile of the two-level prefix sum, with a ragged last tile; both
-  ways of placing the ids (ranks by comparison, a scatter) and "auto"."""
+  """More than one 128-row tile of the two-level prefix sum, with a ragged last tile."""
   margin = jnp.asarray(np.where(np.random.default_rng(5).random((2, 3, 300)) < 0.3, 1.0, -1.0),
                        jnp.float32)
-  fn = jax.jit(ss.compact, static_argnames=("cap", "width", "method"))
+  fn = jax.jit(ss.compact, static_argnames=("cap", "width"))
   dense = jnp.asarray(np.where(np.random.default_rng(6).random((1, 2, 1000)) < 0.95, 1.0, -1.0),
                       jnp.float32)  # full 128-row tiles, 8 tiles
-  cases = ((margin, 64, None), (margin, 61, 64), (dense, 999, 1000), (dense, 500, None))
-  for (margin, cap, width), method in itertools.product(cases, ("rank", "scatter", "auto")):
-    sel = fn(margin, cap=cap, width=width, method=method)
+  for margin, cap, width in ((margin, 64, None), (margin, 61, 64), (dense, 999, 1000),
+                             (dense, 500, None)):
+    sel = fn(margin, cap=cap, width=width)
     assert sel.kept.shape[-1] == (width or cap)
     m = np.asarray(margin)
     for bi in range(m.shape[0]):
@@ -112,8 +109,6 @@ def test_compact_positions_cross_tiles():
         assert int(sel.kept_count[bi, ki]) == c and int(sel.n_passing[bi, ki]) == len(ids)
         np.testing.assert_array_equal(sel.kept[bi, ki, :c], ids[:c])
         assert not np.any(np.asarray(sel.kept[bi, ki, c:]))  # zeros past the count
-  with pytest.raises(ConfigError, match="compact method"):
-    ss.compact(margin, 4, method="sort")
 
 
 def test_dispatch_rules():

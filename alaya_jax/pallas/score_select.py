@@ -120,49 +120,29 @@ def _prefix_counts(x):
   return (inner + before[..., None]).astype(jnp.int32)
 
 
-#: `compact` ranks by comparison (one reduction over [width, N] per row, no scatter) up to this
-#: many comparisons per row; past it, by a scatter.
-RANK_COMPARE_MAX = 1 << 22
-
-
-def compact(margin, cap: int, width: int | None = None, method: str = "auto") -> Selection:
+def compact(margin, cap: int, width: int | None = None) -> Selection:
   """margin [B, K, N] -> the ids with margin >= 0 in ascending order, at most cap.
 
-  The inclusive count of passing rows at each row comes from a two-level prefix count (within
-  128-row tiles, then over the tiles' totals; `_prefix_counts`). Then either
-    "rank":    kept[j] = #{i : count[i] <= j}, the id of the (j+1)-th passing row (one
-               reduction of width x N comparisons per row, fused: no scatter, no buffer to
-               clear; on a GPU three kernels fewer), or
-    "scatter": each passing row i written to position count[i] - 1 (dropped past cap).
-  "auto" ranks while width * N <= RANK_COMPARE_MAX. width (>= cap, default cap): the kept
-  array's last axis; entries past kept_count are 0 (a width that is a multiple of 4 saves the
-  attention kernel a padded copy)."""
+  Positions come from a two-level prefix count (within 128-row tiles, then over the tiles'
+  totals; `_prefix_counts`), then a scatter that drops the entries past cap. width (>= cap,
+  default cap): the kept array's last axis; entries past kept_count are 0 (a width that is a
+  multiple of 4 saves the attention kernel a padded copy)."""
   b, k, n = margin.shape
   width = cap if width is None else width
   if width < cap:
     raise ShapeError(f"compact width {width} < cap {cap}")
-  if method == "auto":
-    method = "rank" if width * n <= RANK_COMPARE_MAX else "scatter"
-  if method not in ("rank", "scatter"):
-    raise ConfigError(f"compact method must be 'auto', 'rank' or 'scatter', got {method!r}")
   tile = 128
   n_pad = -(-n // tile) * tile
   passing = margin >= 0
   x = jnp.pad(passing, ((0, 0), (0, 0), (0, n_pad - n))).reshape(b * k, n_pad // tile, tile)
-  count = _prefix_counts(x).reshape(b, k, n_pad)
-  n_passing = count[..., -1]
-  kept_count = jnp.minimum(n_passing, cap)
-  count = count[..., :n]
-  if method == "rank":
-    j = jnp.arange(width, dtype=jnp.int32)
-    kept = jnp.sum(count[..., None, :] <= j[:, None], axis=-1, dtype=jnp.int32)
-    kept = jnp.where(j < kept_count[..., None], kept, 0)
-  else:
-    pos = jnp.where(passing & (count <= cap), count - 1, width)  # width: out of range, dropped
-    ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, k, n))
-    kept = jnp.zeros((b, k, width), jnp.int32).at[
-        jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], pos].set(ids, mode="drop")
-  return Selection(kept, kept_count, n_passing > cap, n_passing, margin)
+  pos = _prefix_counts(x).reshape(b, k, n_pad)
+  n_passing = pos[..., -1]
+  pos = pos[..., :n] - 1
+  pos = jnp.where(passing & (pos < cap), pos, width)  # width: out of range, dropped
+  ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, k, n))
+  kept = jnp.zeros((b, k, width), jnp.int32).at[
+      jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], pos].set(ids, mode="drop")
+  return Selection(kept, jnp.minimum(n_passing, cap), n_passing > cap, n_passing, margin)
 
 
 def block_margins_reference(q, centroids, n_blocks, threshold):
