@@ -20,6 +20,7 @@ device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import functools
 import json
@@ -37,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas import score_select as ss  # noqa: E402
+from gpu_trace import kernel_events  # noqa: E402
 
 H, K, D, P = 32, 8, 128, 32
 FULL_IMPL = "cudnn" if jax.default_backend() == "gpu" else None
@@ -133,24 +135,9 @@ def bench(f, *args, reps=5):
 def gpu_seconds(f, *args):
   """GPU time of one call: the sum of the kernels' durations in a profiler trace (launch gaps
   excluded), or None where the trace cannot be read."""
-  import collections
-  import glob
-  import tempfile
   try:
-    from jax.profiler import ProfileData
-    d = tempfile.mkdtemp()
-    jax.profiler.start_trace(d)
-    jax.block_until_ready(f(*args))
-    jax.profiler.stop_trace()
-    prof = ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"),
-                                           recursive=True)[0])
-    tot = 0.0
-    for plane in prof.planes:
-      if "GPU" in plane.name:
-        for line in plane.lines:
-          if "tream" in line.name:
-            tot += sum(ev.duration_ns for ev in line.events)
-    return tot * 1e-9 if tot else None
+    tot = sum(t for _, t in kernel_events(f, *args))
+    return tot or None
   except Exception:
     traceback.print_exc()
     return None
@@ -158,22 +145,9 @@ def gpu_seconds(f, *args):
 
 def kernel_times(f, *args):
   """{kernel name: GPU microseconds} of one call, from a profiler trace."""
-  import collections
-  import glob
-  import tempfile
-  from jax.profiler import ProfileData
-  d = tempfile.mkdtemp()
-  jax.profiler.start_trace(d)
-  jax.block_until_ready(f(*args))
-  jax.profiler.stop_trace()
-  prof = ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
   tot = collections.defaultdict(float)
-  for plane in prof.planes:
-    if "GPU" in plane.name:
-      for line in plane.lines:
-        if "tream" in line.name:
-          for ev in line.events:
-            tot[ev.name[:60]] += ev.duration_ns / 1e3
+  for name, t in kernel_events(f, *args):
+    tot[name[:60]] += t * 1e6
   return dict(sorted(tot.items(), key=lambda kv: -kv[1]))
 
 

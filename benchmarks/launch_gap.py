@@ -18,16 +18,12 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path[:] = [p for p in sys.path
-               if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -36,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas import score_select as ss  # noqa: E402
+from gpu_trace import kernel_events  # noqa: E402
 
 B, K, G, D, N, P, CAP = 1, 8, 4, 128, 256, 32, 8
 
@@ -78,25 +75,6 @@ def chained(one, n):
       acc = acc + 1e-3 * one(acc)
     return acc
   return jax.jit(f)
-
-
-def gpu_trace(f, *args):
-  """(GPU busy seconds, kernels launched) of one call, from a profiler trace."""
-  from jax.profiler import ProfileData
-  d = tempfile.mkdtemp()
-  jax.profiler.start_trace(d)
-  jax.block_until_ready(f(*args))
-  jax.profiler.stop_trace()
-  prof = ProfileData.from_file(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
-  busy, launches = 0, 0
-  for plane in prof.planes:
-    if "GPU" in plane.name:
-      for line in plane.lines:
-        if "tream" in line.name:
-          for ev in line.events:
-            busy += ev.duration_ns
-            launches += 1
-  return busy * 1e-9, launches
 
 
 def plot(rows, path):
@@ -143,7 +121,8 @@ def main():
       t = time.perf_counter()
       jax.block_until_ready(f(x["q"]))
       walls.append(time.perf_counter() - t)
-    busy, launches = gpu_trace(f, x["q"])
+    events = kernel_events(f, x["q"])
+    busy, launches = sum(t for _, t in events), len(events)
     n = args.chain
     wall, gpu, kern = float(np.median(walls)) / n, busy / n, launches / n
     rows.append(dict(case=name, wall_us=wall * 1e6, gpu_us=gpu * 1e6, kernels=kern,
