@@ -453,8 +453,7 @@ def merge_splits(o_part, lse_part, remainder):
   b, k, s, g, d = o_part.shape
   lse_b = jnp.broadcast_to(lse_part.astype(jnp.float32)[..., None], o_part.shape)
   init = (jnp.float32(EMPTY_LSE), jnp.float32(0.0))
-  lse, o = lax.reduce((lse_b, o_part.astype(jnp.float32)), init,
-                      lambda x, y: _merge_pair((x[0], x[1]), (y[0], y[1])), (2,))
+  lse, o = lax.reduce((lse_b, o_part.astype(jnp.float32)), init, _merge_pair, (2,))
   lse = lse[..., 0]
   l = jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0)
   return merge_remainder(lse.reshape(b, k * g), l.reshape(b, k * g), o.reshape(b, k * g, d),
