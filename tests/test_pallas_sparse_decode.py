@@ -7,7 +7,6 @@ conditions into few kernel shapes: batch 2 with different lengths, kept counts t
 across sequences and kv heads (ragged, truncated by the capacity), none and all kept.
 """
 import dataclasses
-
 import functools
 
 import jax
