@@ -63,6 +63,10 @@ def structured_fill(context: int, seed: int = 0):
     return fill
 
 
+#: flag "compact": blocks of cluster_size slots and 4 balance rounds (~1x the cache, not ~3x)
+COMPACT_LAYOUT = dict(block_size=32, balance_rounds=4)
+
+
 def parse_method(spec: str):
     if spec == "full":
         return aj.FullAttention()
@@ -72,12 +76,12 @@ def parse_method(spec: str):
         unknown = {f for f in flags if f} - {"compact", "onepass", "f32", "noprobe"}
         if unknown:
             raise SystemExit(f"unknown dipr flags {sorted(unknown)}")
-        # compact: blocks of cluster_size slots, 4 balance rounds (~1x the cache, not ~3x);
-        # onepass: Plan.one_pass (threshold m' - beta, no keys-only pass over the kept blocks);
+        # compact: COMPACT_LAYOUT; onepass: Plan.one_pass (threshold m' - beta, no keys-only
+        # pass over the kept blocks);
         # f32: the cluster summaries stored in f32 (DIPR's default: bf16); noprobe: probe 0 (m'
         # from the exact region alone; the margins come from the score_select kernel)
         # (explicit, whatever DIPR's defaults: no flag is probe 2 with the exact threshold)
-        kw = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
+        kw = dict(COMPACT_LAYOUT) if "compact" in flags else {}
         if "f32" in flags:
             kw["summary_dtype"] = "float32"
         return M.DIPR(float(beta), "cluster", capacity_fraction=float(cap) if cap else None,
@@ -88,7 +92,7 @@ def parse_method(spec: str):
         beta, cap, *flags = arg.split(":") + [""]
         if {f for f in flags if f} - {"compact", "onepass"}:
             raise SystemExit(f"unknown dipr-auto flags {flags}")
-        kw = dict(block_size=32, balance_rounds=4) if "compact" in flags else {}
+        kw = dict(COMPACT_LAYOUT) if "compact" in flags else {}
         return M.DIPR(float(beta), "auto", capacity_fraction=float(cap) if cap else None,
                       one_pass="onepass" in flags, **kw)
     if name == "quest":
