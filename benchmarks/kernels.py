@@ -352,6 +352,15 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
               for (q, ml, thr, _, _, c) in per]
       return layered(one), args
 
+    def select_attend_inkernel(cfg):
+      def one(q, ml, thr, keys, vals, blen, cent):  # margins + select_attention
+        m = ss.block_margins_mgpu(q, cent, nb, ss._thresholds(ml, 0.0, 0.0))
+        o, lse = ga.select_attention(q, keys, vals, blen, m, jnp.zeros(nb.shape), thr,
+                                     impl="pallas", config=cfg)
+        return o.sum() + lse.sum() * 1e-30
+      args = [(q, ml, thr, *lay[c][:3], cent16[c]) for (q, ml, thr, _, _, c) in per]
+      return layered(one), args
+
     def select(impl, cname, margins_only):
       def one(q, ml, cent):
         thr = ss._thresholds(ml, 0.0, 0.0)
@@ -404,6 +413,8 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
     for cname in ("f32", "bf16"):
       timed(f"select_attend_pallas_{cname}", select_attend("pallas", cfg, cname),
             att_bytes + c_bytes[cname])
+    timed("select_attend_inkernel_bf16", select_attend_inkernel(ga.GatheredAttentionConfig()),
+          att_bytes + c_bytes["bf16"])
     timed("select_attend_xla_f32", select_attend("xla", None, "f32"), att_bytes + c_bytes["f32"])
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alaya_jax.errors import ShapeError
 from alaya_jax.pallas import gathered_attention as ga
 from alaya_jax.pallas._mgpu import EMPTY_LSE, MASK_VALUE
 
@@ -250,3 +251,57 @@ def test_kernel_d128_group3_no_remainder():
 def test_kernel_more_shapes(g, d, p, dtype):
   args = make(b=2, k=2, g=g, n=10, p=p, d=d, cap=8, dtype=dtype, seed=g)
   check_kernel(args, config=ga.GatheredAttentionConfig(blocks_per_program=4))
+
+
+def test_select_attention_reference_is_gathered_attention_over_the_blocks_at_the_cut():
+  q, keys, vals, blen, _, _, thr = make(b=2, k=2, g=3, n=12, cap=12, dtype=jnp.float32)
+  rng = np.random.default_rng(8)
+  margin = jnp.asarray(rng.standard_normal((2, 2, 12)), jnp.float32)
+  cut = jnp.array([[0.0, -9.0], [9.0, 0.7]], jnp.float32)  # some, all, none, few
+  o, lse = ga.select_attention(q, keys, vals, blen, margin, cut, thr, impl="xla")
+  m = np.asarray(margin) >= np.asarray(cut)[..., None]
+  kept = np.zeros((2, 2, 12), np.int32)
+  cnt = m.sum(-1).astype(np.int32)
+  for i in np.ndindex(2, 2):
+    kept[i][: cnt[i]] = np.nonzero(m[i])[0]
+  want = reference(q, keys, vals, blen, jnp.asarray(kept), jnp.asarray(cnt), thr)
+  np.testing.assert_allclose(o, want[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lse, want[1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ga.select_max(q, keys, blen, margin, cut, impl="xla"),
+                             ga.kept_max_reference(q, keys, blen, jnp.asarray(kept),
+                                                   jnp.asarray(cnt)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,g,d,n,cfg", [
+    (jnp.bfloat16, 4, 64, 37, ga.GatheredAttentionConfig()),
+    (jnp.float16, 3, 128, 37, ga.GatheredAttentionConfig(8, 2, 2)),
+    (jnp.bfloat16, 4, 64, 300, ga.GatheredAttentionConfig(192)),  # 3 steps a range, 2 ranges
+])
+def test_select_attention_kernel(dtype, g, d, n, cfg):
+  """The in-kernel selection: ranges of blocks (N not a multiple of the range), cuts that
+  keep some, all, none and a few blocks, partial and empty blocks, the remainder merged."""
+  rng = np.random.default_rng(9)
+  b, k, p = 2, 2, 16
+  q, keys, vals, blen, _, _, thr = make(b=b, k=k, g=g, n=n, p=p, d=d, cap=4, dtype=dtype)
+  blen = blen.at[0, 0, 3].set(0)
+  thr = jnp.asarray(rng.standard_normal((b, k * g)) - 1.0, jnp.float32)
+  margin = jnp.asarray(rng.standard_normal((b, k, n)), jnp.float32)
+  cut = jnp.array([[0.5, -10.0], [10.0, 1.5]], jnp.float32)
+  rem = (jnp.asarray(rng.standard_normal((b, k * g, d)), jnp.float32),
+         jnp.asarray(np.abs(rng.standard_normal((b, k * g))), jnp.float32),
+         jnp.asarray(rng.standard_normal((b, k * g)), jnp.float32))
+  for remainder in (None, rem) if cfg.blocks_per_step == 1 else (None,):
+    want = ga.select_attention(q, keys, vals, blen, margin, cut, thr, impl="xla",
+                               remainder=remainder, with_counts=True)
+    got = ga.select_attention(q, keys, vals, blen, margin, cut, thr, impl="pallas",
+                              interpret=INTERPRET, config=cfg, remainder=remainder,
+                              with_counts=True)
+    assert rel(got[0], want[0]) < TOL[dtype]
+    np.testing.assert_allclose(got[1], want[1], atol=TOL[dtype] * 5)
+    np.testing.assert_array_equal(got[2], want[2])
+  want_max = ga.select_max(q, keys, blen, margin, cut, impl="xla")
+  got_max = ga.select_max(q, keys, blen, margin, cut, impl="pallas", interpret=INTERPRET,
+                          config=cfg)
+  np.testing.assert_allclose(got_max, want_max, atol=TOL[dtype] * 5)
+  with pytest.raises(ShapeError, match="margin"):
+    ga.select_attention(q, keys, vals, blen, margin[..., 1:], cut, thr, impl="xla")

@@ -27,6 +27,7 @@ TOL = 2e-2  # bf16 keys and values; the kernels cast q to bf16 for the products
 DELTA_RAGGED = 30.0  # with capacity 12: kept 12, 12, 8, 11 of needed 18, 14, 8, 11
 
 
+# jitted whole: eager ops racing the interpreter's callbacks deadlocked the CPU client
 _pallas_jit = jax.jit(sd.sparse_attention_pallas, static_argnames=("plan", "config", "interpret"))
 # One split per kv head: the interpreter runs each program serially, so few programs is fast.
 CONFIG = sd.SparseDecodeConfig(select="radix",
@@ -49,7 +50,7 @@ def data():
 
 def run_both(q, store, plan):
     o_ref, st_ref = sparse_attention_jit(q, store, dataclasses.replace(plan, impl="xla"))
-    o, st = sd.sparse_attention_pallas(q, store, plan, config=CONFIG, interpret=INTERPRET)
+    o, st = _pallas_jit(q, store, plan, config=CONFIG, interpret=INTERPRET)
     return (o, st), (o_ref, st_ref)
 
 
@@ -116,6 +117,26 @@ def test_gqa1_margins_kernel_none_and_all_kept(data):
     got, want = run_both(q, store, dataclasses.replace(plan, delta=-1e4))
     assert np.all(np.asarray(want[1].groups_kept) == 0)
     assert_same(got, want)
+
+
+def test_in_kernel_selection_equals_the_compacted_list(data):
+    """select="bins": the attention kernel selecting its blocks against the cut (in_kernel)
+    answers as the compaction path on the same set (a truncating capacity with the probe's
+    forced blocks; the keys-only threshold pass; one_pass with the remainder), and as the jnp
+    path where no capacity binds."""
+    q, store = data
+    att = ga.GatheredAttentionConfig(blocks_per_program=16)
+    inside = sd.SparseDecodeConfig(select="bins", attention=att)
+    compacted = dataclasses.replace(inside, in_kernel=False)
+    base = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=DELTA_RAGGED, capacity=12)
+    for plan in (base, dataclasses.replace(base, one_pass=True, probe=0, remainder=True)):
+        got = _pallas_jit(q, store, plan, config=inside, interpret=INTERPRET)
+        want = _pallas_jit(q, store, plan, config=compacted, interpret=INTERPRET)
+        assert (np.asarray(want[1].groups_needed) > np.asarray(want[1].groups_kept)).any()
+        assert_same(got, want)
+    plan = dataclasses.replace(base, capacity=None, delta=2.0)
+    got = _pallas_jit(q, store, plan, config=inside, interpret=INTERPRET)
+    assert_same(got, sparse_attention_jit(q, store, dataclasses.replace(plan, impl="xla")))
 
 
 def test_top_cap_mask_matches_top_k():

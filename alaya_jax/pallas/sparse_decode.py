@@ -14,7 +14,11 @@ verify; DESIGN.md), with the two parts that grow with the context on the kernels
      margins (`top_cap_bins`: two reductions, no sort; short of the capacity by at most the
      blocks within 1/1024 of the best margin below the cut), or with select="radix" the exact
      `lax.top_k` set by a radix select of the cap-th largest margin (four passes); then the
-     order-free compaction of `score_select.compact` (two small matmuls and a scatter);
+     order-free compaction of `score_select.compact` (two small matmuls and a scatter), or,
+     where the kept set is a cut on the margins (the grid select, or no capacity binding;
+     `SparseDecodeConfig.in_kernel`, the default), no kept list at all: the kernels of
+     steps 4 and 5 (`gathered_attention.select_max` / `select_attention`) select their
+     blocks themselves;
   4. the DIPR threshold (max over everything read) - beta: `gathered_attention.kept_max`, a
      keys-only pass of the attention kernel over the kept blocks (skipped with attend_read,
      and with one_pass, whose threshold is m' - beta: see `Plan.one_pass`);
@@ -70,10 +74,14 @@ class SparseDecodeConfig:
     blocks up to the grid's resolution, see `top_cap_bins`) or "auto" (top_k up to a
     capacity of 16, bins past it). radix and top_k give the jnp path's set; every option
     keeps exactly the passing blocks when they fit the capacity.
-    attention: the gathered-attention kernel's tuning."""
+    attention: the gathered-attention kernel's tuning.
+    in_kernel: where the kept set is a cut on the margins (select "bins"), the attention
+    kernel lists its blocks itself (`gathered_attention.select_attention`: no compaction
+    kernels before it); False compacts the kept list in XLA first."""
 
     select: str = "auto"
     attention: ga.GatheredAttentionConfig = ga.GatheredAttentionConfig()
+    in_kernel: bool = True
 
     def __post_init__(self):
         if self.select not in _SELECTS:
@@ -158,14 +166,14 @@ _FORCED_MARGIN = 1e30
 _FORCED = 1e29
 
 
-def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2, forced: bool = True):
-    """margin [R, N] f32 -> (keep [R, N] bool, needed [R] int32): every block with margin >= 0
-    when at most `cap` pass; otherwise those at or above a threshold t > 0 with at most `cap`
-    at or above it, t the lowest point that holds on a grid of `bins` ** `rounds` levels over
-    (0, best margin]: the best blocks, short of `cap` by at most the blocks whose margin lies
-    within one grid step (best / bins ** rounds) below t. Forced blocks (margin >= 1e29)
-    count as the best margin. If more than `cap` blocks tie at the best margin, all of them
-    are kept (the compaction then keeps the first `cap` in block order).
+def top_cap_cut(margin, cap: int, bins: int = 32, rounds: int = 2, forced: bool = True):
+    """margin [R, N] f32 -> (cut [R] f32, needed [R] int32): the blocks to keep are those with
+    margin >= cut. cut = 0 (every block with margin >= 0) when at most `cap` pass; otherwise
+    a threshold t > 0 with at most `cap` margins at or above it, t the lowest point that holds
+    on a grid of `bins` ** `rounds` levels over (0, best margin]: the best blocks, short of
+    `cap` by at most the blocks whose margin lies within one grid step (best / bins ** rounds)
+    below t. Forced blocks (margin >= 1e29) count as the best margin (and stay above any
+    cut). If more than `cap` blocks tie at the best margin, all of them pass the cut.
 
     Each round is one reduction ([R, bins, N] compares, no sort): an eighth of the work of
     one pass of `top_cap_mask`'s radix select, which needs four.
@@ -176,7 +184,7 @@ def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2, forced: bool
     passing = margin >= 0
     needed = jnp.sum(passing, -1, dtype=jnp.int32)
     if cap >= N:
-        return passing, needed
+        return jnp.zeros((R,), jnp.float32), needed
     if forced:
         is_forced = margin >= _FORCED
         best = jnp.max(jnp.where(passing & ~is_forced, margin, 0.0), -1)  # [R]
@@ -197,8 +205,14 @@ def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2, forced: bool
         new_lo = jnp.take_along_axis(edges, jnp.maximum(j - 1, 0)[:, None], -1)[:, 0]
         lo = jnp.where(any_ok & (j > 0), new_lo, lo)
         hi = jnp.where(any_ok, new_hi, hi)
-    keep = jnp.where((needed > cap)[:, None], v >= hi[:, None], passing)
-    return keep, needed
+    # margin >= hi equals v >= hi: forced margins lie above best >= hi, the others are v
+    return jnp.where(needed > cap, hi, 0.0), needed
+
+
+def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2, forced: bool = True):
+    """margin [R, N] f32 -> (keep [R, N] bool, needed [R] int32): `top_cap_cut` as a mask."""
+    cut, needed = top_cap_cut(margin, cap, bins, rounds, forced)
+    return margin >= cut[:, None], needed
 
 
 def select_kept(margin, cap: int, how: str = "radix", forced: bool = True):
@@ -292,7 +306,22 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     # [R, bins, N] count reductions, XLA on a GPU recomputed them from the per-head estimates
     # for every bin (27 us per layer at 128K, 8B shapes, H200, with one_pass).
     margin = lax.optimization_barrier(margin)
-    kept, kept_count, needed = select_kept(margin, cap, config.select, forced=force is not None)
+    how = config.select
+    if how == "auto":
+        how = "top_k" if min(cap, N) <= _TOP_K_MAX else "bins"
+    in_kernel = config.in_kernel and how == "bins"
+    if in_kernel:  # the kept set is margin >= cut: the kernels select their blocks themselves
+        cut, needed = top_cap_cut(margin.reshape(B * K, N), cap, forced=force is not None)
+        cut, needed = cut.reshape(B, K), needed.reshape(B, K)
+        keep = margin >= cut[..., None]
+        kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
+        keys_in_kept = jnp.sum(jnp.where(keep, idx.block_len, 0), -1)
+    else:
+        kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
+        live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
+        keys_in_kept = jnp.sum(jnp.where(live, jnp.take_along_axis(idx.block_len, kept, -1),
+                                         0), -1)
+        keep = None
 
     # 4. the threshold: exact DIPR over everything read
     if plan.attend_read:
@@ -300,24 +329,31 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     elif plan.one_pass:  # m' - beta: no keys-only pass over the kept blocks
         threshold = jnp.maximum(exact_max, probe_max) - plan.beta
     else:
-        kmax = ga.kept_max(q, idx.keys, idx.block_len, kept, kept_count,
-                           config=config.attention, **kw)
+        if in_kernel:
+            kmax = ga.select_max(q, idx.keys, idx.block_len, margin, cut,
+                                 config=config.attention, **kw)
+        else:
+            kmax = ga.kept_max(q, idx.keys, idx.block_len, kept, kept_count,
+                               config=config.attention, **kw)
         threshold = jnp.maximum(exact_max, kmax) - plan.beta
 
     # 5. attention over the kept blocks, the exact region and the remainder
     ex_mask = (ex_valid & (ex.s >= threshold[..., None])) | always
-    o_g, lse_g, n_g = ga.gathered_attention(q, idx.keys, idx.values, idx.block_len, kept,
-                                            kept_count, threshold, config=config.attention,
-                                            with_counts=True, **kw)
+    if in_kernel:
+        o_g, lse_g, n_g = ga.select_attention(q, idx.keys, idx.values, idx.block_len, margin,
+                                              cut, threshold, config=config.attention,
+                                              with_counts=True, **kw)
+    else:
+        o_g, lse_g, n_g = ga.gathered_attention(q, idx.keys, idx.values, idx.block_len, kept,
+                                                kept_count, threshold, config=config.attention,
+                                                with_counts=True, **kw)
     parts = [A._attend_exact(ex.s, ex_mask, ex.v), AttentionOut(o_g, lse_g)]
     if plan.remainder:
+        read = keep if in_kernel else kept_mask(kept, kept_count, N)
         parts.append(remainder_estimate(q, est, (idx.block_len, idx.key_var, idx.value_mean),
-                                        kept_mask(kept, kept_count, N),
-                                        use_var=plan.remainder_var))
+                                        read, use_var=plan.remainder_var))
     out = merge_attention(*parts)
 
-    live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
-    keys_in_kept = jnp.sum(jnp.where(live, jnp.take_along_axis(idx.block_len, kept, -1), 0), -1)
     rows = (2 if (plan.remainder and plan.remainder_var) else 1) * A._count_bk(nonempty, K)
     keys_read = (rows + keys_in_kept.astype(jnp.int32)
                  + jnp.sum(ex.valid, -1).astype(jnp.int32)[:, None])
