@@ -394,8 +394,8 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
 
     cfgs = [ga.GatheredAttentionConfig()]
     if tune:
-      cfgs += [ga.GatheredAttentionConfig(bpp, sif, bps) for bpp in (8, 16, 32)
-               for sif in (2, 4) for bps in (1, 2)]
+      cfgs += [ga.GatheredAttentionConfig(bpp, sif, bps) for bpp in (8, 16, 40)
+               for sif in (2, 3, 4) for bps in (1, 2)]
     best = None
     for cfg in cfgs:
       r = timed("attention_pallas", attn("pallas", cfg), att_bytes,
