@@ -162,6 +162,14 @@ def test_merge_splits_equals_softmax_over_the_union():
       np.testing.assert_allclose(np.asarray(lse[i[0], rows]), want_lse, rtol=1e-5, atol=1e-6)
     if remainder is None:
       assert np.all(np.asarray(o[1, 3:6]) == 0) and np.all(np.asarray(lse[1, 3:6]) == EMPTY_LSE)
+  # with the keys attended per split: their sums come out of the same reduction, (o, lse) as
+  # without them
+  n_part = jnp.asarray(mask.sum(-1), jnp.float32)
+  o2, lse2, n = jax.jit(ga.merge_splits)(jnp.asarray(o_part, jnp.float32),
+                                         jnp.asarray(lse_part, jnp.float32), rem, n_part)
+  np.testing.assert_array_equal(np.asarray(n), mask.sum((2, 4)).reshape(b, k * g))
+  np.testing.assert_array_equal(np.asarray(o2), np.asarray(o))
+  np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
 
 
 def test_exact_dipr_threshold_matches_flat_dipr():
@@ -270,6 +278,16 @@ def test_select_attention_reference_is_gathered_attention_over_the_blocks_at_the
   np.testing.assert_allclose(ga.select_max(q, keys, blen, margin, cut, impl="xla"),
                              ga.kept_max_reference(q, keys, blen, jnp.asarray(kept),
                                                    jnp.asarray(cnt)), rtol=1e-6)
+  # the interleaved order (program s of S reads blocks s, s + S, ...): a permutation of the
+  # margins padded with MASK_VALUE, which the references undo
+  for cfg in (ga.GatheredAttentionConfig(), ga.GatheredAttentionConfig(4)):
+    il = np.asarray(ga.interleave_margins(margin, cfg))
+    np.testing.assert_array_equal(np.sort(il[il > -1e29]), np.sort(np.asarray(margin).ravel()))
+    got = ga.select_attention(q, keys, vals, blen, jnp.asarray(il), cut, thr, impl="xla",
+                              interleaved=True, config=cfg)
+    np.testing.assert_array_equal(got[0], o)
+    with pytest.raises(ShapeError, match="interleave_margins"):
+      ga.select_max(q, keys, blen, margin, cut, impl="xla", interleaved=True, config=cfg)
 
 
 @pytest.mark.parametrize("dtype,g,d,n,cfg", [
@@ -299,6 +317,10 @@ def test_select_attention_kernel(dtype, g, d, n, cfg):
     assert rel(got[0], want[0]) < TOL[dtype]
     np.testing.assert_allclose(got[1], want[1], atol=TOL[dtype] * 5)
     np.testing.assert_array_equal(got[2], want[2])
+  got_il = ga.select_attention(q, keys, vals, blen, ga.interleave_margins(margin, cfg), cut, thr,
+                               impl="pallas", interpret=INTERPRET, config=cfg, interleaved=True,
+                               remainder=remainder)
+  np.testing.assert_array_equal(got_il[0], got[0])
   want_max = ga.select_max(q, keys, blen, margin, cut, impl="xla")
   got_max = ga.select_max(q, keys, blen, margin, cut, impl="pallas", interpret=INTERPRET,
                           config=cfg)

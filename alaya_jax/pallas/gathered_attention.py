@@ -282,11 +282,12 @@ def _attention_kernel(
   rest (attention):
     v_gmem      [B*K*N*P, D]
     o_gmem      [programs, G, D] f32   normalized partial outputs
-    lse_gmem    [programs, 64] f32     natural-log partial lse (rows (bk*G)%8 + [0, G) used)
-    n_gmem      [programs, 64] f32     keys attended (valid and >= threshold), same rows
+    lse_gmem    [programs, R] f32      natural-log partial lse: R = G (the group's rows) when
+                                       G % 4 == 0, else R = 64 (rows (bk*G)%8 + [0, G) used)
+    n_gmem      [programs, R] f32      keys attended (valid and >= threshold), same rows
     then the scratch: q_smem, thr_smem, ids_smem, cnt_smem, bars.
   rest (max_only: a scores-only pass that reads the keys and not the values):
-    mx_gmem     [programs, 64] f32     max score over the valid kept keys (MASK_VALUE: none)
+    mx_gmem     [programs, R] f32      max score over the valid kept keys (MASK_VALUE: none)
     then the same scratch.
 
   The q and threshold windows (q_rows rows) start at the 8-row boundary at or before the
@@ -337,6 +338,10 @@ def _attention_kernel(
   first_block = bk * n
   col = _mgpu.broadcasted_iota(jnp.int32, (_ROWS, p), 1, plgpu.Layout.WGMMA, interpret)
   thr_b = lax.broadcast_in_dim(thr, (_ROWS, p), [0])
+
+  def group_rows(x_smem):  # the rows written out of a [64] per-row result: the group's rows
+    # when G % 4 == 0 (then a 16-byte aligned window of 4*G bytes), else all 64
+    return x_smem.at[pl.ds(bk * g - q_start, g)] if g % 4 == 0 else x_smem
 
   def block(j):  # global block number of kept entry j (clamped: entries past count are junk)
     return first_block + jnp.clip(ids_smem[j], 0, n - 1)
@@ -430,7 +435,7 @@ def _attention_kernel(
     def store_max(mx_smem):
       mx_smem[...] = m
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(mx_smem, mx_gmem.at[pid])
+      plgpu.copy_smem_to_gmem(group_rows(mx_smem), mx_gmem.at[pid])
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(store_max, plgpu.SMEM((_ROWS,), jnp.float32))
@@ -461,8 +466,8 @@ def _attention_kernel(
     n_smem[...] = c
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(bk * g - q_start, g)], o_gmem.at[pid])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[pid])
-    plgpu.copy_smem_to_gmem(n_smem, n_gmem.at[pid])
+    plgpu.copy_smem_to_gmem(group_rows(lse_smem), lse_gmem.at[pid])
+    plgpu.copy_smem_to_gmem(group_rows(n_smem), n_gmem.at[pid])
     plgpu.wait_smem_to_gmem(0)
 
   pl.run_scoped(store, plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32),
@@ -498,16 +503,18 @@ def kernel_supports(q, keys) -> str | None:
 
 
 def _merge_pair(a, b):
-  """Log-sum-exp merge of two normalized partials (lse, o) (the combiner of `merge_splits`)."""
-  (la, oa), (lb, ob) = a, b
+  """Log-sum-exp merge of two normalized partials (lse, o[, count]) (the combiner of
+  `merge_splits`; counts add)."""
+  (la, oa, *na), (lb, ob, *nb) = a, b
   m = jnp.maximum(la, lb)
   wa, wb = jnp.exp(la - m), jnp.exp(lb - m)
   w = wa + wb
-  return m + jnp.log(w), (oa * wa + ob * wb) / w
+  return (m + jnp.log(w), (oa * wa + ob * wb) / w) + tuple(x + y for x, y in zip(na, nb))
 
 
-def merge_splits(o_part, lse_part, remainder):
-  """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..].
+def merge_splits(o_part, lse_part, remainder, n_part=None):
+  """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..];
+  with n_part [B, K, S, G] (keys attended per split) also their sum [B, H] int32.
 
   One variadic reduction over the splits with `_merge_pair` as its combiner (the lse
   broadcast over D so both operands have one shape): one reduction kernel on a GPU, where
@@ -516,13 +523,42 @@ def merge_splits(o_part, lse_part, remainder):
   9.8 us in four kernels against 9.1 us in five: the reduction itself is latency-bound).
   Empty partials (lse = EMPTY_LSE, o = 0) merge to an empty partial (EMPTY_LSE is finite)."""
   b, k, s, g, d = o_part.shape
-  lse_b = jnp.broadcast_to(lse_part.astype(jnp.float32)[..., None], o_part.shape)
-  init = (jnp.float32(EMPTY_LSE), jnp.float32(0.0))
-  lse, o = lax.reduce((lse_b, o_part.astype(jnp.float32)), init, _merge_pair, (2,))
-  lse = lse[..., 0]
+  wide = lambda x: jnp.broadcast_to(x.astype(jnp.float32)[..., None], o_part.shape)
+  ops, init = (wide(lse_part), o_part.astype(jnp.float32)), (EMPTY_LSE, 0.0)
+  if n_part is not None:  # summed in the same reduction (one kernel, not two)
+    ops, init = ops + (wide(n_part),), init + (0.0,)
+  out = lax.reduce(ops, tuple(map(jnp.float32, init)), _merge_pair, (2,))
+  lse, o = out[0][..., 0], out[1]
   l = jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0)
-  return merge_remainder(lse.reshape(b, k * g), l.reshape(b, k * g), o.reshape(b, k * g, d),
-                         remainder)
+  o, lse = merge_remainder(lse.reshape(b, k * g), l.reshape(b, k * g), o.reshape(b, k * g, d),
+                           remainder)
+  if n_part is None:
+    return o, lse
+  return o, lse, jnp.round(out[2][..., 0]).astype(jnp.int32).reshape(b, k * g)
+
+
+def _ranges(entries: int, bk: int, config: GatheredAttentionConfig, scan: bool):
+  """(chunk, splits): the kept entries (or, scan, blocks) each program takes, and the programs
+  per kv head."""
+  per_step = config.blocks_per_step
+  chunk = config.blocks_per_program or default_blocks_per_program(entries, bk, most=(
+      _SCAN_MOST if scan else 64))
+  chunk = -(-chunk // (4 * per_step)) * 4 * per_step
+  if scan:  # whole 64-block steps of the in-kernel selection
+    chunk = -(-chunk // _SEL) * _SEL
+  return chunk, -(-entries // chunk)
+
+
+def interleave_margins(margin, config: GatheredAttentionConfig = GatheredAttentionConfig()):
+  """margin [B, K, N] in block order -> [B, K, S * C] in the order `select_attention`'s S
+  programs of C blocks read them (program s: blocks s, s + S, s + 2S, ...; MASK_VALUE past N).
+  Done by `select_attention` unless its margins come interleaved (interleaved=True): a caller
+  that computes the margins can fuse this transposition into their producer."""
+  b, k, n = margin.shape
+  chunk, splits = _ranges(n, b * k, config, True)
+  m = jnp.pad(margin.astype(jnp.float32), ((0, 0), (0, 0), (0, splits * chunk - n)),
+              constant_values=MASK_VALUE)
+  return jnp.swapaxes(m.reshape(b, k, chunk, splits), 2, 3).reshape(b, k, splits * chunk)
 
 
 def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
@@ -539,20 +575,13 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   dtype = keys.dtype
   bk = b * k
   per_step = config.blocks_per_step
-  chunk = config.blocks_per_program or default_blocks_per_program(cap, bk, most=(
-      _SCAN_MOST if scan else 64))
-  chunk = -(-chunk // (4 * per_step)) * 4 * per_step
-  if scan:  # whole 64-block steps of the in-kernel selection
-    chunk = -(-chunk // _SEL) * _SEL
-  splits = -(-cap // chunk)
+  chunk, splits = _ranges(n if scan else cap, bk, config, scan)
+  if scan and cap != splits * chunk:
+    raise ShapeError(f"margins of {cap} entries a kv head, expected {splits * chunk} (the "
+                     f"interleaved layout of {n} blocks: interleave_margins)")
   programs = bk * splits
 
   kept = kept.astype(jnp.float32 if scan else jnp.int32)
-  if scan:  # interleaved ranges: program s of a head scans blocks s, s + splits, ...; the
-    # margins transposed to that order (fuses into the producer of the margins)
-    kept = jnp.pad(kept, ((0, 0), (0, 0), (0, splits * chunk - cap)), constant_values=MASK_VALUE)
-    kept = jnp.swapaxes(kept.reshape(b, k, chunk, splits), 2, 3).reshape(b, k, splits * chunk)
-    cap = splits * chunk
   if cap % 4:  # 1-D copies start on 16-byte boundaries: a copy of kept, for odd capacities
     kept = jnp.pad(kept, ((0, 0), (0, 0), (0, 4 - cap % 4)))
     cap = kept.shape[2]
@@ -585,7 +614,7 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       steps_in_flight=config.steps_in_flight, interpret=interpret, max_only=max_only,
       scan=scan)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
-  rows_sds = jax.ShapeDtypeStruct((programs, _ROWS), jnp.float32)
+  rows_sds = jax.ShapeDtypeStruct((programs, g if g % 4 == 0 else _ROWS), jnp.float32)
   out_type = (rows_sds if max_only else
               (jax.ShapeDtypeStruct((programs, g, d), jnp.float32), rows_sds, rows_sds))
   inputs = [flat["q"], flat["thr"], flat["kept"], flat["cnt"], flat["blen"], keys.reshape(-1, d)]
@@ -610,10 +639,11 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       ],
       **kw,
   )(*inputs)
-  # row outputs of kv head bk start at (bk*G) % 8 in its 64-row window (static offsets)
+  # row outputs of kv head bk: its G rows, or (G % 4 != 0) its 64-row window, in which they
+  # start at (bk*G) % 8 (static offsets)
   rows = jnp.asarray((np.arange(bk) * g % 8)[:, None, None] + np.arange(g))  # [bk, 1, G]
-  pick = lambda x: jnp.take_along_axis(x.reshape(bk, splits, _ROWS), rows, axis=2).reshape(
-      b, k, splits, g)
+  pick = lambda x: (x if g % 4 == 0 else jnp.take_along_axis(
+      x.reshape(bk, splits, _ROWS), rows, axis=2)).reshape(b, k, splits, g)
   if max_only:
     return pick(out)
   o_part, lse_part, n_part = out
@@ -626,11 +656,7 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
                              with_counts: bool = False):
   o_part, lse_part, n_part = _launch(q, keys, values, block_len, kept, kept_count, threshold,
                                      config=config, interpret=interpret)
-  o, lse = merge_splits(o_part, lse_part, remainder)
-  if not with_counts:
-    return o, lse
-  b, h = threshold.shape
-  return o, lse, jnp.round(n_part.sum(axis=2)).astype(jnp.int32).reshape(b, h)
+  return merge_splits(o_part, lse_part, remainder, n_part if with_counts else None)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "scan"))
@@ -729,11 +755,7 @@ def _select_attention_mgpu(q, keys, values, block_len, margin, cut, threshold, r
                            with_counts: bool = False):
   o_part, lse_part, n_part = _launch(q, keys, values, block_len, margin, cut, threshold,
                                      config=config, interpret=interpret, scan=True)
-  o, lse = merge_splits(o_part, lse_part, remainder)
-  if not with_counts:
-    return o, lse
-  b, h = threshold.shape
-  return o, lse, jnp.round(n_part.sum(axis=2)).astype(jnp.int32).reshape(b, h)
+  return merge_splits(o_part, lse_part, remainder, n_part if with_counts else None)
 
 
 def select_attention(
@@ -750,6 +772,7 @@ def select_attention(
     config: GatheredAttentionConfig = GatheredAttentionConfig(),
     interpret: bool = False,
     with_counts: bool = False,
+    interleaved: bool = False,
 ):
   """`gathered_attention` over the blocks whose margin reaches the cut, with the selection
   done inside the kernel: program s of S per kv head scans the blocks s, s + S, s + 2S, ...
@@ -766,23 +789,43 @@ def select_attention(
   launches per step of a 2-layer model; alone, on uniformly random kept blocks
   (benchmarks/kernels.py, H100), it is slower than margins + compaction + attention: 128K 1%
   26.6 against 20.7 us GPU time, 1M 1% 79.6 against 71.0 (each program's selection adds to
-  its latency, and every program runs it)."""
+  its latency, and every program runs it).
+
+  interleaved: margin is already `interleave_margins(margin, config)` (same config)."""
   impl = _mgpu.resolve_impl(impl, interpret, "select_attention")
-  _check_margin(block_len, margin, cut)
+  _check_margin(block_len, margin, cut, interleaved, config)
   if impl == "xla":
+    if interleaved:
+      margin = _block_order(margin, block_len.shape[2], config)
     return select_attention_reference(q, keys, values, block_len, margin, cut, threshold,
                                       remainder=remainder, with_counts=with_counts)
   why = kernel_supports(q, keys)
   if why:
     raise NotImplementedError(f"select_attention(impl='pallas'): {why}")
+  if not interleaved:
+    margin = interleave_margins(margin, config)
   return _select_attention_mgpu(q, keys, values, block_len, margin, cut, threshold, remainder,
                                 config=config, interpret=interpret, with_counts=with_counts)
 
 
-def _check_margin(block_len, margin, cut):
-  if margin.shape != block_len.shape or cut.shape != margin.shape[:2]:
-    raise ShapeError(f"margin {margin.shape} must be block_len's shape {block_len.shape}, "
-                     f"cut {cut.shape} its first two axes")
+def _check_margin(block_len, margin, cut, interleaved=False, config=None):
+  want = block_len.shape
+  if interleaved:
+    b, k, n = block_len.shape
+    chunk, splits = _ranges(n, b * k, config, True)
+    want = (b, k, splits * chunk)
+  if margin.shape != want or cut.shape != margin.shape[:2]:
+    raise ShapeError(f"margin {margin.shape} must have the shape {want} ("
+                     f"{'interleave_margins of ' if interleaved else ''}block_len's "
+                     f"{block_len.shape}), cut {cut.shape} its first two axes")
+
+
+def _block_order(margin, n_blocks: int, config):
+  """The inverse of `interleave_margins` (for the jnp references)."""
+  b, k, _ = margin.shape
+  chunk, splits = _ranges(n_blocks, b * k, config, True)
+  m = jnp.swapaxes(margin.reshape(b, k, splits, chunk), 2, 3).reshape(b, k, -1)
+  return m[..., :n_blocks]
 
 
 def select_max(
@@ -795,15 +838,20 @@ def select_max(
     impl: str | None = None,
     config: GatheredAttentionConfig = GatheredAttentionConfig(),
     interpret: bool = False,
+    interleaved: bool = False,
 ):
   """`kept_max` over the blocks whose margin reaches the cut, selected inside the kernel as
-  in `select_attention`."""
+  in `select_attention` (interleaved: likewise)."""
   impl = _mgpu.resolve_impl(impl, interpret, "select_max")
-  _check_margin(block_len, margin, cut)
+  _check_margin(block_len, margin, cut, interleaved, config)
   if impl == "xla":
+    if interleaved:
+      margin = _block_order(margin, block_len.shape[2], config)
     return kept_max_reference(q, keys, *_every_block(block_len, margin, cut))
   why = kernel_supports(q, keys)
   if why:
     raise NotImplementedError(f"select_max(impl='pallas'): {why}")
+  if not interleaved:
+    margin = interleave_margins(margin, config)
   return _kept_max_mgpu(q, keys, block_len, margin, cut, config=config, interpret=interpret,
                         scan=True)

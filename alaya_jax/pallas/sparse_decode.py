@@ -305,18 +305,21 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     # 3. the kept list. The margins are materialised first: fused into the selection's
     # [R, bins, N] count reductions, XLA on a GPU recomputed them from the per-head estimates
     # for every bin (27 us per layer at 128K, 8B shapes, H200, with one_pass).
-    margin = lax.optimization_barrier(margin)
     how = config.select
     if how == "auto":
         how = "top_k" if min(cap, N) <= _TOP_K_MAX else "bins"
     in_kernel = config.in_kernel and how == "bins"
     if in_kernel:  # the kept set is margin >= cut: the kernels select their blocks themselves
+        # (from the margins in the order they read them, made with the block-order ones)
+        margin, margin_il = lax.optimization_barrier(
+            (margin, ga.interleave_margins(margin, config.attention)))
         cut, needed = top_cap_cut(margin.reshape(B * K, N), cap, forced=force is not None)
         cut, needed = cut.reshape(B, K), needed.reshape(B, K)
         keep = margin >= cut[..., None]
         kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
         keys_in_kept = jnp.sum(jnp.where(keep, idx.block_len, 0), -1)
     else:
+        margin = lax.optimization_barrier(margin)
         kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
         live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
         keys_in_kept = jnp.sum(jnp.where(live, jnp.take_along_axis(idx.block_len, kept, -1),
@@ -330,7 +333,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         threshold = jnp.maximum(exact_max, probe_max) - plan.beta
     else:
         if in_kernel:
-            kmax = ga.select_max(q, idx.keys, idx.block_len, margin, cut,
+            kmax = ga.select_max(q, idx.keys, idx.block_len, margin_il, cut, interleaved=True,
                                  config=config.attention, **kw)
         else:
             kmax = ga.kept_max(q, idx.keys, idx.block_len, kept, kept_count,
@@ -340,9 +343,9 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     # 5. attention over the kept blocks, the exact region and the remainder
     ex_mask = (ex_valid & (ex.s >= threshold[..., None])) | always
     if in_kernel:
-        o_g, lse_g, n_g = ga.select_attention(q, idx.keys, idx.values, idx.block_len, margin,
-                                              cut, threshold, config=config.attention,
-                                              with_counts=True, **kw)
+        o_g, lse_g, n_g = ga.select_attention(q, idx.keys, idx.values, idx.block_len,
+                                              margin_il, cut, threshold, interleaved=True,
+                                              config=config.attention, with_counts=True, **kw)
     else:
         o_g, lse_g, n_g = ga.gathered_attention(q, idx.keys, idx.values, idx.block_len, kept,
                                                 kept_count, threshold, config=config.attention,
