@@ -503,18 +503,16 @@ def kernel_supports(q, keys) -> str | None:
 
 
 def _merge_pair(a, b):
-  """Log-sum-exp merge of two normalized partials (lse, o[, count]) (the combiner of
-  `merge_splits`; counts add)."""
-  (la, oa, *na), (lb, ob, *nb) = a, b
+  """Log-sum-exp merge of two normalized partials (lse, o) (the combiner of `merge_splits`)."""
+  (la, oa), (lb, ob) = a, b
   m = jnp.maximum(la, lb)
   wa, wb = jnp.exp(la - m), jnp.exp(lb - m)
   w = wa + wb
-  return (m + jnp.log(w), (oa * wa + ob * wb) / w) + tuple(x + y for x, y in zip(na, nb))
+  return m + jnp.log(w), (oa * wa + ob * wb) / w
 
 
-def merge_splits(o_part, lse_part, remainder, n_part=None):
-  """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..];
-  with n_part [B, K, S, G] (keys attended per split) also their sum [B, H] int32.
+def merge_splits(o_part, lse_part, remainder):
+  """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..].
 
   One variadic reduction over the splits with `_merge_pair` as its combiner (the lse
   broadcast over D so both operands have one shape): one reduction kernel on a GPU, where
@@ -523,18 +521,13 @@ def merge_splits(o_part, lse_part, remainder, n_part=None):
   9.8 us in four kernels against 9.1 us in five: the reduction itself is latency-bound).
   Empty partials (lse = EMPTY_LSE, o = 0) merge to an empty partial (EMPTY_LSE is finite)."""
   b, k, s, g, d = o_part.shape
-  wide = lambda x: jnp.broadcast_to(x.astype(jnp.float32)[..., None], o_part.shape)
-  ops, init = (wide(lse_part), o_part.astype(jnp.float32)), (EMPTY_LSE, 0.0)
-  if n_part is not None:  # summed in the same reduction (one kernel, not two)
-    ops, init = ops + (wide(n_part),), init + (0.0,)
-  out = lax.reduce(ops, tuple(map(jnp.float32, init)), _merge_pair, (2,))
-  lse, o = out[0][..., 0], out[1]
+  lse_b = jnp.broadcast_to(lse_part.astype(jnp.float32)[..., None], o_part.shape)
+  init = (jnp.float32(EMPTY_LSE), jnp.float32(0.0))
+  lse, o = lax.reduce((lse_b, o_part.astype(jnp.float32)), init, _merge_pair, (2,))
+  lse = lse[..., 0]
   l = jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0)
-  o, lse = merge_remainder(lse.reshape(b, k * g), l.reshape(b, k * g), o.reshape(b, k * g, d),
-                           remainder)
-  if n_part is None:
-    return o, lse
-  return o, lse, jnp.round(out[2][..., 0]).astype(jnp.int32).reshape(b, k * g)
+  return merge_remainder(lse.reshape(b, k * g), l.reshape(b, k * g), o.reshape(b, k * g, d),
+                         remainder)
 
 
 def _ranges(entries: int, bk: int, config: GatheredAttentionConfig, scan: bool):
@@ -656,7 +649,11 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
                              with_counts: bool = False):
   o_part, lse_part, n_part = _launch(q, keys, values, block_len, kept, kept_count, threshold,
                                      config=config, interpret=interpret)
-  return merge_splits(o_part, lse_part, remainder, n_part if with_counts else None)
+  o, lse = merge_splits(o_part, lse_part, remainder)
+  if not with_counts:
+    return o, lse
+  b, h = threshold.shape
+  return o, lse, jnp.round(n_part.sum(axis=2)).astype(jnp.int32).reshape(b, h)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "scan"))
@@ -755,7 +752,11 @@ def _select_attention_mgpu(q, keys, values, block_len, margin, cut, threshold, r
                            with_counts: bool = False):
   o_part, lse_part, n_part = _launch(q, keys, values, block_len, margin, cut, threshold,
                                      config=config, interpret=interpret, scan=True)
-  return merge_splits(o_part, lse_part, remainder, n_part if with_counts else None)
+  o, lse = merge_splits(o_part, lse_part, remainder)
+  if not with_counts:
+    return o, lse
+  b, h = threshold.shape
+  return o, lse, jnp.round(n_part.sum(axis=2)).astype(jnp.int32).reshape(b, h)
 
 
 def select_attention(
