@@ -786,8 +786,9 @@ def select_attention(
   otherwise.
 
   Measured: in the 32-layer decode loop at 128K (8B shapes, H200, the optimizer's one_pass
-  plan, capacity 5%) 7.54 ms/token against 7.62 with the XLA compaction, 12 fewer kernel
-  launches per step of a 2-layer model; alone, on uniformly random kept blocks
+  plan, capacity 5%) 7.54 ms/token against 7.62 with the XLA compaction in one call, 7.44
+  against 7.41 in another (equal within noise), 12 fewer kernel launches per step of a
+  2-layer model; alone, on uniformly random kept blocks
   (benchmarks/kernels.py, H100), it is slower than margins + compaction + attention: 128K 1%
   26.6 against 20.7 us GPU time, 1M 1% 79.6 against 71.0 (each program's selection adds to
   its latency, and every program runs it).
