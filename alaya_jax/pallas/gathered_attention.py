@@ -794,18 +794,11 @@ def select_attention(
   its latency, and every program runs it).
 
   interleaved: margin is already `interleave_margins(margin, config)` (same config)."""
-  impl = _mgpu.resolve_impl(impl, interpret, "select_attention")
-  _check_margin(block_len, margin, cut, interleaved, config)
+  impl, margin = _select_inputs("select_attention", q, keys, block_len, margin, cut, impl=impl,
+                                interpret=interpret, interleaved=interleaved, config=config)
   if impl == "xla":
-    if interleaved:
-      margin = _block_order(margin, block_len.shape[2], config)
     return select_attention_reference(q, keys, values, block_len, margin, cut, threshold,
                                       remainder=remainder, with_counts=with_counts)
-  why = kernel_supports(q, keys)
-  if why:
-    raise NotImplementedError(f"select_attention(impl='pallas'): {why}")
-  if not interleaved:
-    margin = interleave_margins(margin, config)
   return _select_attention_mgpu(q, keys, values, block_len, margin, cut, threshold, remainder,
                                 config=config, interpret=interpret, with_counts=with_counts)
 
@@ -820,6 +813,20 @@ def _check_margin(block_len, margin, cut, interleaved=False, config=None):
     raise ShapeError(f"margin {margin.shape} must have the shape {want} ("
                      f"{'interleave_margins of ' if interleaved else ''}block_len's "
                      f"{block_len.shape}), cut {cut.shape} its first two axes")
+
+
+def _select_inputs(op, q, keys, block_len, margin, cut, *, impl, interpret, interleaved,
+                   config):
+  """The dispatch `select_attention` and `select_max` share: (impl, margin), the margins in
+  block order for the jnp reference and interleaved for the kernel."""
+  impl = _mgpu.resolve_impl(impl, interpret, op)
+  _check_margin(block_len, margin, cut, interleaved, config)
+  if impl == "xla":
+    return impl, _block_order(margin, block_len.shape[2], config) if interleaved else margin
+  why = kernel_supports(q, keys)
+  if why:
+    raise NotImplementedError(f"{op}(impl='pallas'): {why}")
+  return impl, margin if interleaved else interleave_margins(margin, config)
 
 
 def _block_order(margin, n_blocks: int, config):
@@ -844,16 +851,9 @@ def select_max(
 ):
   """`kept_max` over the blocks whose margin reaches the cut, selected inside the kernel as
   in `select_attention` (interleaved: likewise)."""
-  impl = _mgpu.resolve_impl(impl, interpret, "select_max")
-  _check_margin(block_len, margin, cut, interleaved, config)
+  impl, margin = _select_inputs("select_max", q, keys, block_len, margin, cut, impl=impl,
+                                interpret=interpret, interleaved=interleaved, config=config)
   if impl == "xla":
-    if interleaved:
-      margin = _block_order(margin, block_len.shape[2], config)
     return kept_max_reference(q, keys, *_every_block(block_len, margin, cut))
-  why = kernel_supports(q, keys)
-  if why:
-    raise NotImplementedError(f"select_max(impl='pallas'): {why}")
-  if not interleaved:
-    margin = interleave_margins(margin, config)
   return _kept_max_mgpu(q, keys, block_len, margin, cut, config=config, interpret=interpret,
                         scan=True)

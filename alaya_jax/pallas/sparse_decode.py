@@ -37,9 +37,10 @@ Measured (benchmarks/results/sparse_decode_gpu.json, Llama-3-8B shapes, batch 1,
 32-layer jitted decode loop, H200, capacity 5% of the blocks, blocks of 32 slots with balanced
 clusters, bf16 summaries): 6.87 ms/token at 4K and 8.59 at 128K (1.25x); with one_pass 6.97 /
 8.07 (1.16x); with one_pass and probe 0 (the margins kernel) 6.16 / 7.51 (1.22x); cuDNN full
-attention 4.56 / 8.16 (1.79x) in the same calls. At 4K the ~50 small XLA kernels around the two
-Mosaic kernels (exact region, selection, merges, stats) make this path slower than flat DIPR;
-the optimizer picks flat there.
+attention 4.56 / 8.16 (1.79x) in the same calls. With the in-kernel selection (the default since)
+a 2-layer step at 128K launches 124 kernels (136 with the compaction); the small XLA kernels
+around the two Mosaic kernels per layer (exact region, the grid select, merges, stats) make
+this path slower than flat DIPR at 4K, where the optimizer picks flat.
 """
 from __future__ import annotations
 
