@@ -558,8 +558,8 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
             config: GatheredAttentionConfig, interpret: bool, scan: bool = False):
   """Runs the kernel; values None runs the keys-only max pass. Returns per-split partials:
   attention (o [B,K,S,G,D], lse [B,K,S,G], attended [B,K,S,G]); max pass: max [B,K,S,G].
-  scan: kept is a block margin [B,K,N] f32 and kept_count a cut [B,K] f32; each program
-  scans a range of `blocks_per_program` blocks and reads those with margin >= cut."""
+  scan: kept is `interleave_margins`' [B,K,S*C] f32 and kept_count a cut [B,K] f32; each
+  program scans its C blocks and reads those with margin >= cut."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   max_only = values is None
@@ -618,8 +618,7 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       out_type=out_type,
       grid=(programs,),
       grid_names=("p",),
-      compiler_params=None if interpret else plgpu.CompilerParams(
-          approx_math=True),
+      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       scratch_types=[
           plgpu.SMEM((_ROWS, d), dtype, transforms=qk_t),
           plgpu.SMEM((_ROWS,), jnp.float32),
@@ -643,12 +642,12 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   return o_part.reshape(b, k, splits, g, d), pick(lse_part), pick(n_part)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "with_counts"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "with_counts", "scan"))
 def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
                              remainder, *, config: GatheredAttentionConfig, interpret: bool,
-                             with_counts: bool = False):
+                             with_counts: bool = False, scan: bool = False):
   o_part, lse_part, n_part = _launch(q, keys, values, block_len, kept, kept_count, threshold,
-                                     config=config, interpret=interpret)
+                                     config=config, interpret=interpret, scan=scan)
   o, lse = merge_splits(o_part, lse_part, remainder)
   if not with_counts:
     return o, lse
@@ -746,19 +745,6 @@ def _every_block(block_len, margin, cut):
   return live, every, jnp.full((b, k), n, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "with_counts"))
-def _select_attention_mgpu(q, keys, values, block_len, margin, cut, threshold, remainder, *,
-                           config: GatheredAttentionConfig, interpret: bool,
-                           with_counts: bool = False):
-  o_part, lse_part, n_part = _launch(q, keys, values, block_len, margin, cut, threshold,
-                                     config=config, interpret=interpret, scan=True)
-  o, lse = merge_splits(o_part, lse_part, remainder)
-  if not with_counts:
-    return o, lse
-  b, h = threshold.shape
-  return o, lse, jnp.round(n_part.sum(axis=2)).astype(jnp.int32).reshape(b, h)
-
-
 def select_attention(
     q,            # [B, H, D]
     keys,         # [B, K, N, P, D]
@@ -799,8 +785,9 @@ def select_attention(
   if impl == "xla":
     return select_attention_reference(q, keys, values, block_len, margin, cut, threshold,
                                       remainder=remainder, with_counts=with_counts)
-  return _select_attention_mgpu(q, keys, values, block_len, margin, cut, threshold, remainder,
-                                config=config, interpret=interpret, with_counts=with_counts)
+  return _gathered_attention_mgpu(q, keys, values, block_len, margin, cut, threshold, remainder,
+                                  config=config, interpret=interpret, with_counts=with_counts,
+                                  scan=True)
 
 
 def _check_margin(block_len, margin, cut, interleaved=False, config=None):
