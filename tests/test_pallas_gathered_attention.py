@@ -288,8 +288,10 @@ def test_select_attention_reference_is_gathered_attention_over_the_blocks_at_the
     (jnp.bfloat16, 4, 64, 300, ga.GatheredAttentionConfig(192)),  # 3 steps a range, 2 ranges
 ])
 def test_select_attention_kernel(dtype, g, d, n, cfg):
-  """The in-kernel selection: ranges of blocks (N not a multiple of the range), cuts that
-  keep some, all, none and a few blocks, partial and empty blocks, the remainder merged."""
+  """The in-kernel selection: interleaved ranges of blocks (N not a multiple of the range;
+  one or three 64-block steps a range), cuts that keep some, all, none and a few blocks,
+  partial and empty blocks, the remainder merged; the same with the margins interleaved by
+  the caller."""
   rng = np.random.default_rng(9)
   b, k, p = 2, 2, 16
   q, keys, vals, blen, _, _, thr = make(b=b, k=k, g=g, n=n, p=p, d=d, cap=4, dtype=dtype)
