@@ -58,7 +58,10 @@ to one 64-row tile and both products run on the tensor cores. That spends 16x th
 decode is memory-bound (one 32-key block is 16 KB of K+V for ~1 MFLOP of padded MMA, ~25% of
 the H100's tensor rate at full HBM bandwidth), and the WGMMA register layouts give the row
 max/sum reductions and the P.V accumulation for free; the P.V operand swizzle is chosen to
-divide a block (P=16: 32 B, P=32: 64 B, P>=64: 128 B).
+divide a block (P=16: 32 B, P=32: 64 B, P>=64: 128 B). The cost is registers: the padded
+[64, D] f32 accumulator and score tiles take the program to 206 registers a thread (ptxas,
+D 128, P 32; benchmarks/results/kernel_registers.json), so at most 2 programs share an SM and
+each kept block's dependent chain (TMA wait, QK, softmax, P.V) is hidden only 2-fold.
 
 Measured on an H200 (jax 0.11.2; Llama-3-8B layer, 1M context, batch 1; GPU kernel time from
 the profiler, benchmarks/results/kernels*.json): 2% of blocks kept (86 MB of K+V) 32 us in
