@@ -225,6 +225,7 @@ def methods_for(args):
     read = dict(probe=args.probe, attend_read=True, **base)
     main = cfg_of(args.main_cluster_size)
     bf = dataclasses.replace(main, summary_dtype="bfloat16")  # bf16 summaries
+    f8 = dataclasses.replace(main, summary_dtype="float8_e4m3fn")
     for beta in args.betas:  # the main configuration, every variant
         ms.append(Method("cluster-dipr", Plan.dipr(beta, index="cluster", probe=args.probe, **base),
                          main, True))
@@ -238,6 +239,11 @@ def methods_for(args):
             beta, index="cluster", probe=0, **base), bf, True, calibrate_per="kv_head"))
         ms.append(Method("cluster-dipr@kv+onepass", Plan.dipr(
             beta, index="cluster", probe=0, one_pass=True, **base), bf, True,
+            calibrate_per="kv_head"))
+        # the same with fp8 (e4m3) summaries and q: what the margins kernel reads at a quarter
+        # of f32's bytes
+        ms.append(Method("cluster-dipr@kv+onepass+fp8", Plan.dipr(
+            beta, index="cluster", probe=0, one_pass=True, **base), f8, True,
             calibrate_per="kv_head"))
         ms.append(Method("cluster", Plan.dipr(beta, index="cluster", **read), main, True))
         # the margin calibrated per kv head instead of per layer

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from alaya_jax.index.cluster import to_fp8  # noqa: E402
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas import score_select as ss  # noqa: E402
 from gpu_trace import kernel_events  # noqa: E402
@@ -295,6 +296,7 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
   key = jax.random.key(ctx + b)
   lay = [make_layer(jax.random.fold_in(key, c), b=b, n=n) for c in range(copies)]
   cent16 = [x[3].astype(DT) for x in lay]
+  cents = {"f32": [x[3] for x in lay], "bf16": cent16, "fp8": [to_fp8(x[3]) for x in lay]}
   nb = jnp.full((b, K), n, jnp.int32)
   kv_bytes = 2 * b * ctx * K * D * 2
   row0 = dict(batch=b, context=ctx, blocks_per_head=n, layers=layers, copies=copies)
@@ -348,8 +350,7 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
         o, lse = ga.gathered_attention(q, keys, vals, blen, s.kept, s.kept_count, thr,
                                        impl=impl, config=cfg)
         return o.sum() + lse.sum() * 1e-30
-      args = [(q, ml, thr, *lay[c][:3], lay[c][3] if cname == "f32" else cent16[c])
-              for (q, ml, thr, _, _, c) in per]
+      args = [(q, ml, thr, *lay[c][:3], cents[cname][c]) for (q, ml, thr, _, _, c) in per]
       return layered(one), args
 
     def select_attend_inkernel(cfg):
@@ -371,7 +372,7 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
         if margins_only:
           return m[..., 0].sum()
         return ss.compact(m, cap).kept_count.sum().astype(jnp.float32)
-      args = [(q, ml, lay[c][3] if cname == "f32" else cent16[c]) for (q, ml, _, _, _, c) in per]
+      args = [(q, ml, cents[cname][c]) for (q, ml, _, _, _, c) in per]
       return layered(one), args
 
     def timed(name, fn_args, nbytes, **extra):
@@ -405,12 +406,13 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
       if "ms" in r and (best is None or r["ms"] < best[0]):
         best = (r["ms"], cfg)
     timed("attention_xla", attn("xla", None), att_bytes)
-    c_bytes = {"f32": lay[0][3].nbytes, "bf16": cent16[0].nbytes}
+    c_bytes = {name: c[0].nbytes for name, c in cents.items()}
     timed("margins_pallas_bf16", select("pallas", "bf16", True), c_bytes["bf16"])
+    timed("margins_pallas_fp8", select("pallas", "fp8", True), c_bytes["fp8"])
     timed("score_select_pallas_bf16", select("pallas", "bf16", False), c_bytes["bf16"])
     timed("score_select_xla_f32", select("xla", "f32", False), c_bytes["f32"])
     cfg = best[1] if best else ga.GatheredAttentionConfig()
-    for cname in ("f32", "bf16"):
+    for cname in ("f32", "bf16", "fp8"):
       timed(f"select_attend_pallas_{cname}", select_attend("pallas", cfg, cname),
             att_bytes + c_bytes[cname])
     timed("select_attend_inkernel_bf16", select_attend_inkernel(ga.GatheredAttentionConfig()),

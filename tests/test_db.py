@@ -245,11 +245,13 @@ def test_attention_plan_hook_index_follows_appends_and_store(tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(loaded.attention(q, layer, plan=every_key)),
                                np.asarray(o), atol=1e-6, rtol=0)
-    # A cluster index (ones of its abstract shapes here) is stored and restored the same way.
+    # A cluster index (ones of its abstract shapes here; fp8 summaries) is stored and restored
+    # the same way, dtypes included.
     from alaya_jax.db import SessionIndex
     from alaya_jax.index import ClusterConfig, ClusterIndex
 
-    ccfg = ClusterConfig(cluster_size=8, block_size=8, sink=2, window=8, tail_capacity=16)
+    ccfg = ClusterConfig(cluster_size=8, block_size=8, sink=2, window=8, tail_capacity=16,
+                         summary_dtype="float8_e4m3fn")
     one = ClusterIndex.abstract(ccfg, 1, 80, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                 model.dtype)
     one = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), one)
@@ -258,7 +260,9 @@ def test_attention_plan_hook_index_follows_appends_and_store(tiny, tmp_path):
     db.store(s, "clustered")
     back = DB(model, tmp_path, page_size=P).load("clustered").index
     assert back.config == s.index.config and isinstance(back.layers[1][0], ClusterIndex)
+    assert back.layers[1][0].centroid.dtype == jnp.float8_e4m3fn
     for a, b in zip(jax.tree.leaves(back.layers), jax.tree.leaves(s.index.layers)):
+        assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     loaded.prefill([5])  # a prefill appends to the index too
     o, stats = loaded.attention(q, layer, plan=every_key, return_stats=True)

@@ -97,11 +97,13 @@ def test_block_count_is_a_whole_number_of_kernel_tiles_for_large_indexes():
     assert CFG.num_blocks(61) == 8 + 8  # ceil(61 / 8) + ceil(61 / 8) clusters
 
 
-def test_bf16_summaries_are_stored_narrow_and_follow_appends():
-    """summary_dtype="bfloat16" stores centroid and value_mean as bf16 (half the bytes the
-    centroid scores read): the f32 index's summaries rounded, through builds and folds; the
-    abstract tree says so; with an unlimited margin the path stays exact."""
-    bcfg = IndexConfig(cluster=dataclasses.replace(CFG, summary_dtype="bfloat16"), block=None)
+@pytest.mark.parametrize("summary,tol", [("bfloat16", 2 ** -7), ("float8_e4m3fn", 2 ** -3)])
+def test_narrow_summaries_are_stored_narrow_and_follow_appends(summary, tol):
+    """summary_dtype="bfloat16" / "float8_e4m3fn" stores centroid and value_mean as bf16 / fp8
+    (a half / a quarter of the bytes the centroid scores read): the f32 index's summaries
+    rounded, through builds and folds; the abstract tree says so; with an unlimited margin the
+    path stays exact."""
+    bcfg = IndexConfig(cluster=dataclasses.replace(CFG, summary_dtype=summary), block=None)
     q, k, v, lengths = _case(2)
     B, S, K, D = k.shape
     S_cap = 96
@@ -114,13 +116,16 @@ def test_bf16_summaries_are_stored_narrow_and_follow_appends():
     assert shape_dtype(st16) == shape_dtype(abstract)
     new_k = jnp.asarray(np.random.default_rng(1).normal(size=(B, 23, K, D)), k.dtype)
     end0 = np.asarray(st16.cluster.end)
-    for _ in range(2):
+    for step in range(2):
         for name in ("centroid", "value_mean"):
             a16, a32 = getattr(st16.cluster, name), getattr(st32.cluster, name)
-            assert a16.dtype == jnp.bfloat16 and a32.dtype == jnp.float32
-            # the f32 running means differ from the bf16 ones only by the rounding of each fold
-            np.testing.assert_allclose(np.asarray(a16, np.float32), np.asarray(a32),
-                                       rtol=2 ** -7, atol=2 ** -7)
+            assert a16.dtype == jnp.dtype(summary) and a32.dtype == jnp.float32
+            # the f32 running means differ from the narrow ones only by the rounding of each
+            # fold (fp8: after the build only; folds assign appended keys to the nearest
+            # rounded centroid, and at 3 mantissa bits some go to another block)
+            if step == 0 or summary == "bfloat16":
+                np.testing.assert_allclose(np.asarray(a16, np.float32), np.asarray(a32),
+                                           rtol=tol, atol=tol)
         o, stats = attend_jit(q, st16, EXACT)
         ref = dipr_jit(q, st16.k, st16.v, 2.0, 3, 5, st16.lengths)
         np.testing.assert_allclose(np.asarray(o), np.asarray(ref.o), atol=2e-5)

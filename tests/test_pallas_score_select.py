@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alaya_jax.index.cluster import to_fp8
 from alaya_jax.pallas import score_select as ss
 from alaya_jax.pallas._mgpu import MASK_VALUE
 
@@ -158,6 +159,28 @@ def test_kernel_group4_d128():
                         impl="pallas", interpret=INTERPRET)
   ref = reference(q, cent.astype(jnp.bfloat16), nb, 0.5, 0.5, m_lower, cap=32)
   np.testing.assert_allclose(sel.margin, ref.margin, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_fp8_centroids():
+  """float8_e4m3fn centroids (a quarter of f32's bytes): q goes to fp8 as well, saturated at
+  448 (one head's q is scaled past it; a plain cast would make NaN), the products are exact in
+  f32. On the GPU the fp8 WGMMA accumulates with fewer mantissa bits than f32."""
+  q, cent, m_lower = make(b=1, k=2, g=4, n=128, d=128, seed=4)
+  q = q.at[0, 1].multiply(1000.0)
+  q8 = jnp.asarray(np.asarray(to_fp8(q)).astype(np.float32))  # host-rounded (see bf16_exact)
+  c8 = to_fp8(cent * 3.0)
+  nb = jnp.array([[128, 70]], jnp.int32)
+  sel = ss.score_select(q8, c8, nb, 0.5, 0.5, m_lower, cap=32, impl="pallas",
+                        interpret=INTERPRET)
+  ref = reference(q8, c8, nb, 0.5, 0.5, m_lower, cap=32)
+  assert np.all(np.isfinite(np.asarray(ref.margin)))
+  valid = np.asarray(ref.margin) > MASK_VALUE / 2
+  tol = 2e-3 if ON_GPU else 1e-5
+  np.testing.assert_allclose(np.asarray(sel.margin)[valid], np.asarray(ref.margin)[valid],
+                             rtol=tol, atol=tol * 100)
+  # the reference saturates q itself: the unrounded q gives the same margins
+  np.testing.assert_array_equal(reference(q, c8, nb, 0.5, 0.5, m_lower, cap=32).margin,
+                                ref.margin)
 
 
 def test_quest_reference_bound_and_kernel():

@@ -89,14 +89,15 @@ def test_gqa4_probe_threshold_capacity_remainder(data):
     assert_same(got, want)
 
 
-def test_bf16_summaries(data):
-    """Centroids stored in bf16 (ClusterConfig.summary_dtype), read by the margins kernel
-    (G = 4, probe 0): the same answers as the jnp path."""
+@pytest.mark.parametrize("summary", ["bfloat16", "float8_e4m3fn"])
+def test_16_and_8_bit_summaries(data, summary):
+    """Centroids stored in bf16 or fp8 (ClusterConfig.summary_dtype), read by the margins
+    kernel (G = 4, probe 0): the same answers as the jnp path."""
     q, store = data
-    cfg = dataclasses.replace(store.cluster.config, summary_dtype="bfloat16")
+    cfg = dataclasses.replace(store.cluster.config, summary_dtype=summary)
     store = build_store_jit(store.k, store.v, store.lengths, IndexConfig(cluster=cfg, block=None),
                             n_heads=q.shape[1])
-    assert store.cluster.centroid.dtype == jnp.bfloat16
+    assert store.cluster.centroid.dtype == jnp.dtype(summary)
     plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=0, delta=2.0)
     got, want = run_both(q, store, plan)
     assert 0 < np.asarray(want[1].groups_kept).sum() < np.asarray(store.cluster.block_len > 0).sum()

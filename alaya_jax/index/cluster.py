@@ -53,7 +53,7 @@ from alaya_jax.errors import ConfigError, ShapeError
 
 _METRICS = ("l2", "cosine")
 _VAR_SUMMARIES = ("channel", "scalar")
-_SUMMARY_DTYPES = ("float32", "bfloat16", "int8")
+_SUMMARY_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "int8")
 
 
 #: Past _ROUND_FROM blocks, N is a multiple of the margins kernel's row tile
@@ -90,8 +90,8 @@ class ClusterConfig:
       N scalars + one D row per kv head instead of N rows. Measured on SmolLM2 (7.6K tokens,
       layers 1/10/20/29): the same output error as "channel" (1.94% vs 1.97% at 8% attended).
     summary_dtype: how the per-block rows a query reads (centroid, value_mean) are stored:
-      "float32", "bfloat16" (stored as bf16 arrays: half the bytes the centroid scores read)
-      or "int8" (symmetric, one f32 scale per row; kept as f32 arrays holding the rounded
+      "float32", "bfloat16" (stored as bf16 arrays: half the bytes the centroid scores read),
+      "float8_e4m3fn" (fp8 arrays, a quarter; no scale: e4m3's range covers the keys) or "int8" (symmetric, one f32 scale per row; kept as f32 arrays holding the rounded
       values, so every consumer sees exactly what a kernel reading the narrow storage would);
       `summary_row_cost` gives their bytes per block.
     super_size: blocks per super-cluster of a second, coarse level (0: off). The block
@@ -329,7 +329,15 @@ def block_summaries(keys, values, block_len):
 
 def summary_storage(config: ClusterConfig):
     """The dtype of the stored centroid and value_mean arrays."""
-    return jnp.bfloat16 if config.summary_dtype == "bfloat16" else jnp.float32
+    return {"bfloat16": jnp.bfloat16, "float8_e4m3fn": jnp.float8_e4m3fn}.get(
+        config.summary_dtype, jnp.float32)
+
+
+def to_fp8(x):
+    """x in float8_e4m3fn, saturated at its largest finite value (448; the cast makes NaN past
+    it)."""
+    big = float(jnp.finfo(jnp.float8_e4m3fn).max)
+    return jnp.clip(x, -big, big).astype(jnp.float8_e4m3fn)
 
 
 def round_summary(x, summary_dtype: str):
@@ -339,6 +347,8 @@ def round_summary(x, summary_dtype: str):
         return x
     if summary_dtype == "bfloat16":
         return x.astype(jnp.bfloat16)
+    if summary_dtype == "float8_e4m3fn":
+        return to_fp8(x)
     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
     return jnp.round(x / jnp.where(scale > 0, scale, 1.0)) * scale
 
@@ -353,7 +363,7 @@ def summary_row_cost(config: ClusterConfig, D: int, cache_dtype=jnp.bfloat16,
     value rows in `cache_dtype`. Stats.rows_scored counts one row per block instead (two with
     the variance row): the element count of the centroid alone.
     """
-    item = {"float32": 4, "bfloat16": 2, "int8": 1}[config.summary_dtype]
+    item = {"float32": 4, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}[config.summary_dtype]
     row = D * item + (4 if config.summary_dtype == "int8" else 0)  # int8: + the row's scale
     total = 2 * row + (4 * D if variance_row else 0)
     return total / (2 * D * jnp.dtype(cache_dtype).itemsize)
@@ -641,8 +651,10 @@ def centroid_scores(q, centroid, block_len):
     """est = q . centroid / sqrt(D).  q [B,H,D], centroid [B,K,N,D] -> [B,H,N] f32."""
     B, H, D = q.shape
     K, N = centroid.shape[1], centroid.shape[2]
+    if centroid.dtype == jnp.float8_e4m3fn:  # q in fp8 too: the product the margins kernel runs
+        q = to_fp8(q)
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
-    est = jnp.einsum("bkgd,bknd->bkgn", qg, centroid) / math.sqrt(D)
+    est = jnp.einsum("bkgd,bknd->bkgn", qg, centroid.astype(jnp.float32)) / math.sqrt(D)
     est = jnp.where((block_len > 0)[:, :, None, :], est, MASK_VALUE)
     return est.reshape(B, H, N)
 
