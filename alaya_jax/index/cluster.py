@@ -91,8 +91,10 @@ class ClusterConfig:
       layers 1/10/20/29): the same output error as "channel" (1.94% vs 1.97% at 8% attended).
     summary_dtype: how the per-block rows a query reads (centroid, value_mean) are stored:
       "float32", "bfloat16" (stored as bf16 arrays: half the bytes the centroid scores read),
-      "float8_e4m3fn" (fp8 arrays, a quarter; no scale: e4m3's range covers the keys) or "int8" (symmetric, one f32 scale per row; kept as f32 arrays holding the rounded
-      values, so every consumer sees exactly what a kernel reading the narrow storage would);
+      "float8_e4m3fn" (fp8 arrays, a quarter; no scale, saturated at 448; q is cast to fp8
+      for the scores as well) or "int8" (symmetric, one f32 scale per row; kept as f32 arrays
+      holding the rounded values, so every consumer sees exactly what a kernel reading the
+      narrow storage would);
       `summary_row_cost` gives their bytes per block.
     super_size: blocks per super-cluster of a second, coarse level (0: off). The block
       centroids are clustered again (weighted k-means, the same metric) into
