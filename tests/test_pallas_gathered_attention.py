@@ -305,7 +305,7 @@ def test_select_attention_kernel(dtype, g, d, n, cfg):
   with pytest.raises(ShapeError, match="margin"):
     ga.select_attention(q, keys, vals, blen, margin[..., 1:], cut, thr, impl="xla")
   # the remainder once (one block a step, one range step: it merges after the kernel)
-  for remainder in (None, rem) if cfg.blocks_per_step == 1 and n <= 64 else (None,):
+  for remainder in (rem,) if cfg.blocks_per_step == 1 and n <= 64 else (None,):
     want = ga.select_attention(q, keys, vals, blen, margin, cut, thr, impl="xla",
                                remainder=remainder, with_counts=True)
     got = ga.select_attention(q, keys, vals, blen, margin, cut, thr, impl="pallas",
