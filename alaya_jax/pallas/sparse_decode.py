@@ -216,14 +216,21 @@ def top_cap_bins(margin, cap: int, bins: int = 32, rounds: int = 2, forced: bool
     return margin >= cut[:, None], needed
 
 
+def resolve_select(how: str, cap: int, n_blocks: int) -> str:
+    """`SparseDecodeConfig.select` with "auto" made concrete: top_k up to a capacity of
+    _TOP_K_MAX blocks, bins past it."""
+    if how != "auto":
+        return how
+    return "top_k" if min(cap, n_blocks) <= _TOP_K_MAX else "bins"
+
+
 def select_kept(margin, cap: int, how: str = "radix", forced: bool = True):
     """margin [B, K, N] (block_len and forcing applied) -> (kept [B,K,W], kept_count, needed):
     the best `cap` margins >= 0, as `index.cluster.select_blocks` (kept in block order here);
     W = min(cap, N), rounded up to a multiple of 4 past the top_k path (entries past
     kept_count are 0)."""
     B, K, N = margin.shape
-    if how == "auto":
-        how = "top_k" if min(cap, N) <= _TOP_K_MAX else "bins"
+    how = resolve_select(how, cap, N)
     if how == "top_k":
         sel = select_blocks(margin, jnp.zeros((B, K)), jnp.zeros((B, K)), 0.0, 0.0, cap,
                             jnp.ones((B, K, N), jnp.int32), K)
@@ -306,9 +313,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     # 3. the kept list. The margins are materialised first: fused into the selection's
     # [R, bins, N] count reductions, XLA on a GPU recomputed them from the per-head estimates
     # for every bin (27 us per layer at 128K, 8B shapes, H200, with one_pass).
-    how = config.select
-    if how == "auto":
-        how = "top_k" if min(cap, N) <= _TOP_K_MAX else "bins"
+    how = resolve_select(config.select, cap, N)
     in_kernel = config.in_kernel and how == "bins"
     if in_kernel:  # the kept set is margin >= cut: the kernels select their blocks themselves
         # (from the margins in the order they read them, made with the block-order ones)
