@@ -283,6 +283,12 @@ def methods_for(args):
         ms.append(Method("cluster-fixed+rem+var", Plan.dipr(
             4.0, index="cluster", remainder=True, remainder_var=0.5, delta=1e4, capacity=cap,
             **read), main))
+        # DIPR's rule under the same cap: a query head whose DIPR set needs fewer clusters reads
+        # fewer; the others read the cap (the GPU plans' static capacity)
+        for beta in args.betas_cap:
+            ms.append(Method("cluster@kv+cap", Plan.dipr(beta, index="cluster", capacity=cap,
+                                                         **read), main, True,
+                             calibrate_per="kv_head"))
     # one summary row per block: the scalar variance summary (ClusterConfig.var_summary)
     scal = dataclasses.replace(main, var_summary="scalar")
     rem = dict(remainder=True, remainder_var=0.5, rank_var=0.5, attend_read=True, **base)
@@ -337,6 +343,7 @@ _FIXED_OF = {"cluster": "cluster-fixed",
              "cluster@kv": "cluster-fixed",
              "cluster@kv+bf16": "cluster-fixed",
              "cluster@kv+rv": "cluster-fixed+rv",
+             "cluster@kv+cap": "cluster-fixed",
              "cluster-mass": "cluster-fixed",
              "cluster+rem+var": "cluster-fixed+rem+var",
              "cluster+rem+var+floor": "cluster-fixed+rem+var",
@@ -412,7 +419,8 @@ def goals(summary, max_read=0.12, max_error=0.015, min_recall=0.99):
                             if fixed_b4 and "recall_b4" in r else None,
                             fixed_family=fam))
     out["dynamic_vs_fixed_at_equal_read"] = dyn
-    for fam in ("cluster", "cluster@kv", "cluster@kv+bf16", "cluster@kv+rv", "cluster-mass",
+    for fam in ("cluster", "cluster@kv", "cluster@kv+bf16", "cluster@kv+rv", "cluster@kv+cap",
+                "cluster-mass",
                 "cluster+rem+var",
                 "scalar+rem+var+floor",
                 "scalar+rem+var+floor@b1",
@@ -509,6 +517,8 @@ def main(argv=None):
                     help="eps of the family cluster-mass (the mass rule without DIPR's)")
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.15, 0.2],
                     help="fixed budgets (fraction of context) for top-k, Quest, fixed clusters")
+    ap.add_argument("--betas-cap", type=float, nargs="*", default=[6, 8],
+                    help="DIPR's rule under each fixed budget's cap (family cluster@kv+cap)")
     ap.add_argument("--n-decode", type=int, default=64, help="teacher-forced decode queries")
     ap.add_argument("--calib", type=int, default=64, help="prefill queries for the delta")
     ap.add_argument("--sink", type=int, default=4)

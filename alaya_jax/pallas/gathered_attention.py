@@ -621,6 +621,8 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       out_type=out_type,
       grid=(programs,),
       grid_names=("p",),
+      kernel_name="alaya_kept_max" if max_only else (
+          "alaya_select_attention" if scan else "alaya_gathered_attention"),
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       scratch_types=[
           plgpu.SMEM((_ROWS, d), dtype, transforms=qk_t),

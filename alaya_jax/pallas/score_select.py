@@ -358,6 +358,7 @@ def _margins_mgpu(queries, tables, n_blocks, threshold, *, config, interpret):
       out_type=jax.ShapeDtypeStruct((programs, tiles, _TILE), jnp.float32),
       grid=(programs,),
       grid_names=("p",),
+      kernel_name="alaya_block_margins",
       scratch_types=[
           *[plgpu.SMEM((_COLS, d), dtype, transforms=transforms)] * n_ops,
           plgpu.SMEM((_COLS,), jnp.float32),
