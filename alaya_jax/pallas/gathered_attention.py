@@ -63,13 +63,17 @@ divide a block (P=16: 32 B, P=32: 64 B, P>=64: 128 B). The cost is registers: th
 D 128, P 32; benchmarks/results/kernel_registers.json), so at most 2 programs share an SM and
 each kept block's dependent chain (TMA wait, QK, softmax, P.V) is hidden only 2-fold.
 
-Measured on an H200 (jax 0.11.2; Llama-3-8B layer, 1M context, batch 1; GPU kernel time from
-the profiler, benchmarks/results/kernels*.json): 2% of blocks kept (86 MB of K+V) 32 us in
-the kernel (2.6 TB/s) + ~10 us in the merge's four small kernels (the one reduction over the
-splits 5 us; the row pick of the lse, the remainder and empty-row epilogue; launch-bound);
-64K tokens per kv head (268 MB) 78-85 us
-(3.2-3.4 TB/s, ~70% of the 4.6 TB/s read roofline); nothing kept 3.9 us (the fixed cost of
-the launch and the per-program prologue/epilogue). XLA's gather path: 170 us at 2%.
+Measured on an H200 (jax 0.11.2; Llama-3-8B layer shapes, batch 1; GPU time from the
+profiler; benchmarks/results/kernel_waves.json, random kept blocks): 86 MB of kept K+V
+(656 blocks a kv head, 2% of 1M) 27.2 us in the kernel (3.2 TB/s; the device copy
+roofline measured beside it is 3.37 TB/s, the read roofline 4.6) + 6.3 us in the merge
+(latency-bound small kernels); 268 MB 69.7 us (3.85 TB/s) + 6.2 us; nothing kept 3.9 us (the
+fixed cost of the launch and the per-program prologue/epilogue). ncu (H200): the program is
+limited to 2 an SM by registers and by shared memory alike, issues an instruction on ~45%
+of cycles with ~1.9 warps per scheduler, and reads DRAM at 50-70% of its peak: each
+program's chain of TMA wait, QK, softmax and P.V per block is what bounds it, so the kept
+list is split into one wave of programs (`default_blocks_per_program`). XLA's gather path:
+170 us at 2% of 1M.
 """
 from __future__ import annotations
 
@@ -336,7 +340,7 @@ def _attention_kernel(
     n_entries = jnp.clip(count - split * chunk, 0, chunk)
   n_steps = lax.div(n_entries + (per_step - 1), jnp.int32(per_step))
   row = plgpu.Layout.WGMMA.reduce(1)
-  thr = _mgpu.load_with_layout(thr_smem, row, interpret)
+  thr = _mgpu.load_with_layout(thr_smem, row, interpret) * _LOG2E
   scale = 1.0 / math.sqrt(d)
   first_block = bk * n
   col = _mgpu.broadcasted_iota(jnp.int32, (_ROWS, p), 1, plgpu.Layout.WGMMA, interpret)
@@ -389,15 +393,19 @@ def _attention_kernel(
     for t in range(per_step):
       j = i * per_step + t
       length = jnp.where(j < n_entries, len_refs[t][lax.rem(block(j), _LEN_WINDOW)], 0)
-      s = scores[t] * scale
-      keep = (col < length) & (s >= thr_b)
-      s2 = jnp.where(keep, s * _LOG2E, MASK_VALUE)
+      s2 = scores[t] * (scale * _LOG2E)  # log2 units; thr_b is too
+      keep = (col < length) & (s2 >= thr_b)
+      s2 = jnp.where(keep, s2, MASK_VALUE)
       m_new = jnp.maximum(m_new, s2.max(axis=1))
       keeps.append(keep)
       s2s.append(s2)
     alpha = jnp.exp2(m - m_new)
     m_b = lax.broadcast_in_dim(m_new, (_ROWS, p), [0])
-    es = [jnp.where(keep, jnp.exp2(s2 - m_b), 0.0) for keep, s2 in zip(keeps, s2s)]
+    # No mask on the exponentials: a masked score is MASK_VALUE, so its term is exp2(-huge) = 0
+    # once the row has a kept key; before that (m_new = MASK_VALUE) the terms are exp2(0) = 1,
+    # junk that the rescale alpha = exp2(MASK_VALUE - m) = 0 clears when the first kept key
+    # comes, and a row that never keeps a key is reported empty by its max, not by l.
+    es = [jnp.exp2(s2 - m_b) for s2 in s2s]
     l = l * alpha + sum(e.sum(axis=1) for e in es)
     c = c + sum(jnp.where(keep, s2 * 0.0 + 1.0, 0.0).sum(axis=1)  # keys attended per row
                 for keep, s2 in zip(keeps, s2s))
@@ -458,7 +466,7 @@ def _attention_kernel(
       init_carry=(acc0, m0, l0, l0),
   )(*[k_gmem] * per_step, *[v_gmem] * per_step, *[blen_gmem] * per_step)
 
-  empty = l == 0.0
+  empty = m == MASK_VALUE  # no kept key in this program's blocks (see `es` above)
   l_safe = jnp.where(empty, 1.0, l)
   o = acc / lax.broadcast_in_dim(l_safe, (_ROWS, d), [0])
   lse = jnp.where(empty, EMPTY_LSE, m * _LN2 + jnp.log(l_safe))
@@ -481,10 +489,26 @@ def _attention_kernel(
 _SCAN_MOST = 256
 
 
-def default_blocks_per_program(cap: int, bk: int, *, target_programs: int = 528,
+#: Programs of the attention kernel resident on one SM: its registers (213 a thread, 128
+#: threads) and shared memory (88 KB with 4 steps in flight) each allow 2 (ncu, H200).
+PROGRAMS_PER_SM = 2
+
+
+def _sm_count() -> int:
+  dev = jax.devices()[0]
+  return int(getattr(dev, "core_count", 0) or 132) if dev.platform == "gpu" else 132
+
+
+def default_blocks_per_program(cap: int, bk: int, *, target_programs: int | None = None,
                                most: int = 64) -> int:
-  """Enough splits that B*K*splits reaches ~4 programs per SM of an H100 (132 SMs)."""
-  per = -(-cap * bk // target_programs)
+  """Kept entries per program: the fewest that fit B*K*splits programs in one wave
+  (PROGRAMS_PER_SM on every SM), at least 4 and at most `most`. One wave because each
+  program's blocks form a dependent chain: with 656 kept blocks a kv head (86 MB, H200) 20
+  blocks a program (264 programs, one wave) took 27.2 us of GPU time against 32.5 for 12 (440
+  programs, 1.7 waves: in the last wave SMs idle), and with 2048 (268 MB) 64 blocks a program
+  69.7 us against 74.6 for 32 (benchmarks/results/kernel_waves.json)."""
+  target = target_programs or PROGRAMS_PER_SM * _sm_count()
+  per = -(-cap * bk // target)
   return int(min(most, max(4, -(-per // 4) * 4)))
 
 
@@ -537,8 +561,10 @@ def _ranges(entries: int, bk: int, config: GatheredAttentionConfig, scan: bool):
   """(chunk, splits): the kept entries (or, scan, blocks) each program takes, and the programs
   per kv head."""
   per_step = config.blocks_per_step
-  chunk = config.blocks_per_program or default_blocks_per_program(entries, bk, most=(
-      _SCAN_MOST if scan else 64))
+  # the in-kernel selection scans every block and reads the few kept: its programs are short,
+  # so it keeps ~4 programs per SM (its measured setting)
+  chunk = config.blocks_per_program or default_blocks_per_program(
+      entries, bk, most=_SCAN_MOST if scan else 64, target_programs=528 if scan else None)
   chunk = -(-chunk // (4 * per_step)) * 4 * per_step
   if scan:  # whole 64-block steps of the in-kernel selection
     chunk = -(-chunk // _SEL) * _SEL

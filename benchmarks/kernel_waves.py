@@ -1,0 +1,135 @@
+"""How the gathered-attention kernel's split of the kept list into programs sets its speed
+(GPU; Llama-3-8B layer shapes: 8 kv heads, G 4, d 128, bf16, blocks of 32 keys).
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_waves.py --out benchmarks/results
+
+Each kv head keeps `cap` uniformly random blocks of 8192 (the kernel's cost does not depend on
+the context, only on the blocks it reads). For blocks-per-program choices (the default, the
+previous default of ~4 programs an SM) and steps in flight 4 (and 2 for the default), the GPU
+time from the profiler of (a) the attention kernel alone and (b) the whole `gathered_attention`
+call (kernel + the log-sum-exp merge of the splits), per call: one trace of 8 calls in a jit.
+Bandwidth is the kept K+V bytes over the time, against the read and copy rooflines measured
+in the same run (benchmarks/kernels.py's `roofline`).
+Writes kernel_waves.json and kernel_waves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
+from gpu_trace import kernel_events  # noqa: E402
+from kernels import roofline  # noqa: E402
+
+B, K, G, D, P, N = 1, 8, 4, 128, 32, 8192
+REPS = 8
+
+
+def timed(f, args):
+  """(GPU us per call of the attention kernel alone, GPU us per call of everything)."""
+  jax.block_until_ready(f(*args))
+  ev = kernel_events(f, *args)
+  kern = sum(t for n, t in ev if "alaya" in n) / REPS
+  tot = sum(t for _, t in ev) / REPS
+  return kern * 1e6, tot * 1e6
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--caps", type=int, nargs="*", default=[328, 656, 2048],
+                  help="kept blocks per kv head")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = ap.parse_args()
+  if jax.default_backend() != "gpu":
+    raise SystemExit("kernel_waves.py times the Mosaic GPU kernel: it needs an NVIDIA GPU")
+  keys = jax.random.normal(jax.random.key(0), (B, K, N, P, D), jnp.bfloat16)
+  vals = jax.random.normal(jax.random.key(1), (B, K, N, P, D), jnp.bfloat16)
+  blen = jnp.full((B, K, N), P, jnp.int32)
+  thr = jnp.full((B, K * G), -1e30, jnp.float32)
+  qs = jax.random.normal(jax.random.key(2), (REPS, B, K * G, D), jnp.bfloat16)
+  read_tbps, copy_tbps = roofline()
+  print(f"read {read_tbps:.2f} TB/s, copy {copy_tbps:.2f} TB/s", flush=True)
+  rng = np.random.default_rng(0)
+  rows = []
+  for cap in args.caps:
+    kept = jnp.asarray(np.stack([np.sort(rng.choice(N, cap, replace=False))
+                                 for _ in range(K)])[None].astype(np.int32))
+    cnt = jnp.full((B, K), cap, jnp.int32)
+    mb = cap * K * P * D * 2 * 2 / 1e6
+    new = ga.default_blocks_per_program(cap, K)
+    old = ga.default_blocks_per_program(cap, K, target_programs=528)
+    for chunk, sif in sorted({(old, 4), (new, 4), (new, 2)}):
+      if True:
+        cfg = ga.GatheredAttentionConfig(blocks_per_program=chunk, steps_in_flight=sif)
+
+        @jax.jit
+        def f(qs, kept, cnt, cfg=cfg):
+          acc = 0.0
+          for r in range(REPS):
+            o, lse = ga.gathered_attention(qs[r], keys, vals, blen, kept, cnt, thr, config=cfg)
+            acc = acc + lse.sum() + o[0, 0, 0]
+          return acc
+
+        kern_us, call_us = timed(f, (qs, kept, cnt))
+        r = dict(cap=cap, MB=round(mb, 1), blocks_per_program=chunk, steps_in_flight=sif,
+                 programs=K * -(-cap // chunk), default=chunk == new and sif == 4,
+                 previous_default=chunk == old and sif == 4,
+                 kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
+                 kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
+                 kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
+                 call_vs_copy=round(mb / call_us / copy_tbps, 3))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  meta = dict(device=jax.devices()[0].device_kind, sms=ga._sm_count(), jax=jax.__version__,
+              python=platform.python_version(),
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              command="python " + " ".join(sys.argv), read_TBps=read_tbps, copy_TBps=copy_tbps,
+              note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
+  with open(os.path.join(args.out, "kernel_waves.json"), "w") as fh:
+    json.dump(dict(meta, rows=rows), fh, indent=1)
+  plot(rows, meta, os.path.join(args.out, "kernel_waves.png"))
+
+
+def plot(rows, meta, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for ax, key, title in ((axes[0], "kernel_TBps", "kernel alone"),
+                         (axes[1], "call_TBps", "kernel + merge of the splits")):
+    for cap in sorted({r["cap"] for r in rows}):
+      for sif, ls in ((4, "-"), (2, ":")):
+        rs = sorted((r for r in rows if r["cap"] == cap and r["steps_in_flight"] == sif),
+                    key=lambda r: r["programs"])
+        line, = ax.plot([r["programs"] for r in rs], [r[key] for r in rs], ls, marker="o",
+                        label=f"{rs[0]['MB']:.0f} MB, {sif} in flight")
+        for r in rs:
+          if r["default"]:
+            ax.plot(r["programs"], r[key], "k*", ms=12)
+    ax.axhline(meta["copy_TBps"], color="gray", lw=1)
+    ax.axhline(0.8 * meta["copy_TBps"], color="gray", lw=1, ls="--")
+    ax.axvline(2 * meta["sms"], color="gray", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("programs (kv heads x splits); vertical line: 2 per SM")
+    ax.set_title(title)
+  axes[0].set_ylabel("TB/s on the kept K+V bytes")
+  axes[1].legend(fontsize=7)
+  fig.suptitle(f"gathered attention by blocks per program ({meta['device']}; * default; "
+               f"gray: copy roofline, dashed 80% of it)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+  main()
