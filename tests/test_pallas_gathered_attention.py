@@ -225,9 +225,13 @@ def check_kernel(args, *, remainder=None, config=ga.GatheredAttentionConfig(), t
 
 def test_kernel_ragged_counts_thresholds_partial_blocks():
   """d 64, G 4, bf16; counts all/0/1/random; per-head thresholds keep all, none, some; P 16
-  with partly filled and empty blocks; two splits per kv head (blocks_per_program 4)."""
+  with partly filled and empty blocks (also first in a program); two splits per kv head
+  (blocks_per_program 4)."""
   q, keys, vals, blen, kept, cnt, thr = make(b=2, k=2, g=4, n=12, p=16, d=64, cap=7)
   blen = blen.at[1, 1, :].set(0).at[1, 0, ::2].set(3)
+  # both programs of kv head (0, 0) start on an empty block: rows with no kept key yet, whose
+  # junk the softmax rescale must clear when the first kept key comes
+  blen = blen.at[0, 0, kept[0, 0, 0]].set(0).at[0, 0, kept[0, 0, 4]].set(0)
   thr = thr.at[0, 0].set(1e9)                          # keeps none (blocks still read)
   thr = thr.at[1].set(jnp.array([-0.1, 0.0, 0.2, MASK_VALUE, 0.1, -0.3, 0.05, 0.4]))
   rng = np.random.default_rng(1)
