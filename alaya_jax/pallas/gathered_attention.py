@@ -403,7 +403,7 @@ def _attention_kernel(
     m_b = lax.broadcast_in_dim(m_new, (_ROWS, p), [0])
     # No mask on the exponentials: a masked score is MASK_VALUE, so its term is exp2(-huge) = 0
     # once the row has a kept key; before that (m_new = MASK_VALUE) the terms are exp2(0) = 1,
-    # junk that the rescale alpha = exp2(MASK_VALUE - m) = 0 clears when the first kept key
+    # junk that the rescale alpha = exp2(MASK_VALUE - m_new) = 0 clears when the first kept key
     # comes, and a row that never keeps a key is reported empty by its max, not by l.
     es = [jnp.exp2(s2 - m_b) for s2 in s2s]
     l = l * alpha + sum(e.sum(axis=1) for e in es)
