@@ -562,7 +562,8 @@ def _ranges(entries: int, bk: int, config: GatheredAttentionConfig, scan: bool):
   per kv head."""
   per_step = config.blocks_per_step
   # the in-kernel selection scans every block and reads the few kept: its programs are short,
-  # so it keeps ~4 programs per SM (its measured setting)
+  # so it keeps ~4 programs an SM (2-layer 8B decode at 128K, H100: 64 blocks a program
+  # 0.886-0.888 ms of GPU time a step, one wave of 128 blocks a program 0.892)
   chunk = config.blocks_per_program or default_blocks_per_program(
       entries, bk, most=_SCAN_MOST if scan else 64, target_programs=528 if scan else None)
   chunk = -(-chunk // (4 * per_step)) * 4 * per_step
