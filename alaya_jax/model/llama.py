@@ -179,9 +179,10 @@ def decode_attention_flat(q, k, v, kv_len):
     """`decode_attention_reference` with the cache read as it is laid out, [B, S*K, D]: every
     query head scores every kv head's keys (K times the reference's FLOPs) and the other kv
     heads are masked out. The reference's products batch over (B, K), so XLA first transposes
-    each layer's cache slice to [B, K, S, D]; on the CPU that copy of the whole cache every
-    step was most of the decode time at long contexts (SmolLM2 at 7.7K, 2 cores).
-    Equal to the reference for kv_len >= 1."""
+    each layer's cache slice to [B, K, S, D], a copy of the whole cache every step: on the CPU
+    this form decodes SmolLM2 1.20x / 1.11x as fast at 4K / 7.7K cached tokens and the same
+    at 512 (2 cores, benchmarks/results/cpu_decode_attention.json). Equal to the reference
+    for kv_len >= 1."""
     B, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     s = jnp.einsum("bhd,bxd->bhx", q.astype(k.dtype), k.reshape(B, S * K, D),
