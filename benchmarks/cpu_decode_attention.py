@@ -31,15 +31,15 @@ from decode_speed import time_decode  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """Full attention through one given dense decode function."""
-    fn: object
-    name: str
+  """Full attention through one given dense decode function."""
+  fn: object
+  name: str
 
-    def decode_fn(self):
-        return self.fn
+  def decode_fn(self):
+    return self.fn
 
-    def describe(self) -> str:
-        return self.name
+  def describe(self) -> str:
+    return self.name
 
 
 def main():
