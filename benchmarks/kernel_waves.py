@@ -35,6 +35,19 @@ B, K, G, D, P, N = 1, 8, 4, 128, 32, 8192
 REPS = 8
 
 
+def random_layer():
+  """(keys, values [B,K,N,P,D] bf16, block_len [B,K,N] all full, threshold [B,H] keeping all)."""
+  keys = jax.random.normal(jax.random.key(0), (B, K, N, P, D), jnp.bfloat16)
+  vals = jax.random.normal(jax.random.key(1), (B, K, N, P, D), jnp.bfloat16)
+  return keys, vals, jnp.full((B, K, N), P, jnp.int32), jnp.full((B, K * G), -1e30, jnp.float32)
+
+
+def random_kept(rng, cap: int):
+  """(kept [B,K,cap] sorted uniformly random distinct blocks per kv head, kept_count [B,K])."""
+  kept = np.stack([np.sort(rng.choice(N, cap, replace=False)) for _ in range(K)])[None]
+  return jnp.asarray(kept.astype(np.int32)), jnp.full((B, K), cap, jnp.int32)
+
+
 def timed(f, args):
   """(GPU us per call of the attention kernel alone, GPU us per call of everything)."""
   jax.block_until_ready(f(*args))
@@ -52,44 +65,38 @@ def main():
   args = ap.parse_args()
   if jax.default_backend() != "gpu":
     raise SystemExit("kernel_waves.py times the Mosaic GPU kernel: it needs an NVIDIA GPU")
-  keys = jax.random.normal(jax.random.key(0), (B, K, N, P, D), jnp.bfloat16)
-  vals = jax.random.normal(jax.random.key(1), (B, K, N, P, D), jnp.bfloat16)
-  blen = jnp.full((B, K, N), P, jnp.int32)
-  thr = jnp.full((B, K * G), -1e30, jnp.float32)
+  keys, vals, blen, thr = random_layer()
   qs = jax.random.normal(jax.random.key(2), (REPS, B, K * G, D), jnp.bfloat16)
   read_tbps, copy_tbps = roofline()
   print(f"read {read_tbps:.2f} TB/s, copy {copy_tbps:.2f} TB/s", flush=True)
   rng = np.random.default_rng(0)
   rows = []
   for cap in args.caps:
-    kept = jnp.asarray(np.stack([np.sort(rng.choice(N, cap, replace=False))
-                                 for _ in range(K)])[None].astype(np.int32))
-    cnt = jnp.full((B, K), cap, jnp.int32)
+    kept, cnt = random_kept(rng, cap)
     mb = cap * K * P * D * 2 * 2 / 1e6
     new = ga.default_blocks_per_program(cap, K)
-    old = ga.default_blocks_per_program(cap, K, target_programs=528)
+    old = ga.default_blocks_per_program(cap, K, per_sm=2 * ga.PROGRAMS_PER_SM)
     for chunk, sif in sorted({(old, 4), (new, 4), (new, 2)}):
-      if True:
-        cfg = ga.GatheredAttentionConfig(blocks_per_program=chunk, steps_in_flight=sif)
+      cfg = ga.GatheredAttentionConfig(blocks_per_program=chunk, steps_in_flight=sif)
 
-        @jax.jit
-        def f(qs, kept, cnt, cfg=cfg):
-          acc = 0.0
-          for r in range(REPS):
-            o, lse = ga.gathered_attention(qs[r], keys, vals, blen, kept, cnt, thr, config=cfg)
-            acc = acc + lse.sum() + o[0, 0, 0]
-          return acc
+      @jax.jit
+      def f(qs, kept, cnt, cfg=cfg):
+        acc = 0.0
+        for r in range(REPS):
+          o, lse = ga.gathered_attention(qs[r], keys, vals, blen, kept, cnt, thr, config=cfg)
+          acc = acc + lse.sum() + o[0, 0, 0]
+        return acc
 
-        kern_us, call_us = timed(f, (qs, kept, cnt))
-        r = dict(cap=cap, MB=round(mb, 1), blocks_per_program=chunk, steps_in_flight=sif,
-                 programs=K * -(-cap // chunk), default=chunk == new and sif == 4,
-                 previous_default=chunk == old and sif == 4,
-                 kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
-                 kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
-                 kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
-                 call_vs_copy=round(mb / call_us / copy_tbps, 3))
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+      kern_us, call_us = timed(f, (qs, kept, cnt))
+      r = dict(cap=cap, MB=round(mb, 1), blocks_per_program=chunk, steps_in_flight=sif,
+               programs=K * -(-cap // chunk), default=chunk == new and sif == 4,
+               previous_default=chunk == old and sif == 4,
+               kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
+               kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
+               kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
+               call_vs_copy=round(mb / call_us / copy_tbps, 3))
+      rows.append(r)
+      print(json.dumps(r), flush=True)
   os.makedirs(args.out, exist_ok=True)
   meta = dict(device=jax.devices()[0].device_kind, sms=ga._sm_count(), jax=jax.__version__,
               python=platform.python_version(),

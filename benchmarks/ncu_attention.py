@@ -20,25 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
-
-B, K, G, D, P, N = 1, 8, 4, 128, 32, 8192
+from kernel_waves import B, D, G, K, P, random_kept, random_layer  # noqa: E402
 
 
 def main():
   kept_tokens = int(sys.argv[1])
   bpp = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "0" else None
   sif = int(sys.argv[3]) if len(sys.argv) > 3 else 4
-  keys = jax.random.normal(jax.random.key(0), (B, K, N, P, D), jnp.bfloat16)
-  values = jax.random.normal(jax.random.key(1), (B, K, N, P, D), jnp.bfloat16)
+  keys, values, blen, thr = random_layer()
   q = jax.random.normal(jax.random.key(2), (B, K * G, D), jnp.bfloat16)
-  blen = jnp.full((B, K, N), P, jnp.int32)
   cap = kept_tokens // P
-  rng = np.random.default_rng(0)
-  kept = jnp.asarray(np.stack([np.sort(rng.choice(N, cap, replace=False))
-                               for _ in range(K)])[None].astype(np.int32))
-  cnt = jnp.full((B, K), cap, jnp.int32)
-  thr = jnp.full((B, K * G), -1e30, jnp.float32)
+  kept, cnt = random_kept(np.random.default_rng(0), cap)
   cfg = ga.GatheredAttentionConfig(blocks_per_program=bpp, steps_in_flight=sif)
   f = jax.jit(lambda *a: ga.gathered_attention(*a, impl="pallas", config=cfg))
   args = (q, keys, values, blen, kept, cnt, thr)

@@ -499,16 +499,15 @@ def _sm_count() -> int:
   return int(getattr(dev, "core_count", 0) or 132) if dev.platform == "gpu" else 132
 
 
-def default_blocks_per_program(cap: int, bk: int, *, target_programs: int | None = None,
+def default_blocks_per_program(cap: int, bk: int, *, per_sm: int = PROGRAMS_PER_SM,
                                most: int = 64) -> int:
-  """Kept entries per program: the fewest that fit B*K*splits programs in one wave
-  (PROGRAMS_PER_SM on every SM), at least 4 and at most `most`. One wave because each
+  """Kept entries per program: the fewest that fit B*K*splits programs into `per_sm` on every
+  SM (by default one wave), at least 4 and at most `most`. One wave because each
   program's blocks form a dependent chain: with 656 kept blocks a kv head (86 MB, H200) 20
   blocks a program (264 programs, one wave) took 27.2 us of GPU time against 32.5 for 12 (440
   programs, 1.7 waves: in the last wave SMs idle), and with 2048 (268 MB) 64 blocks a program
   69.7 us against 74.6 for 32 (benchmarks/results/kernel_waves.json)."""
-  target = target_programs or PROGRAMS_PER_SM * _sm_count()
-  per = -(-cap * bk // target)
+  per = -(-cap * bk // (per_sm * _sm_count()))
   return int(min(most, max(4, -(-per // 4) * 4)))
 
 
@@ -565,7 +564,8 @@ def _ranges(entries: int, bk: int, config: GatheredAttentionConfig, scan: bool):
   # so it keeps ~4 programs an SM (2-layer 8B decode at 128K, H100: 64 blocks a program
   # 0.886-0.888 ms of GPU time a step, one wave of 128 blocks a program 0.892)
   chunk = config.blocks_per_program or default_blocks_per_program(
-      entries, bk, most=_SCAN_MOST if scan else 64, target_programs=528 if scan else None)
+      entries, bk, most=_SCAN_MOST if scan else 64,
+      per_sm=2 * PROGRAMS_PER_SM if scan else PROGRAMS_PER_SM)
   chunk = -(-chunk // (4 * per_step)) * 4 * per_step
   if scan:  # whole 64-block steps of the in-kernel selection
     chunk = -(-chunk // _SEL) * _SEL
