@@ -529,31 +529,38 @@ def kernel_supports(q, keys) -> str | None:
 
 
 def _merge_pair(a, b):
-  """Log-sum-exp merge of two normalized partials (lse, o) (the combiner of `merge_splits`)."""
+  """Log-sum-exp merge of two normalized partials (lse, o) (the combiner of `merge_splits`):
+  one exponential, of the smaller lse less the larger."""
   (la, oa), (lb, ob) = a, b
-  m = jnp.maximum(la, lb)
-  wa, wb = jnp.exp(la - m), jnp.exp(lb - m)
-  w = wa + wb
-  return m + jnp.log(w), (oa * wa + ob * wb) / w
+  a_big = la >= lb
+  e = jnp.exp(-jnp.abs(la - lb))
+  w = 1.0 + e
+  o = jnp.where(a_big, oa + ob * e, ob + oa * e) / w
+  return jnp.maximum(la, lb) + jnp.log(w), o
 
 
 def merge_splits(o_part, lse_part, remainder):
   """o_part [B, K, S, G, D], lse_part [B, K, S, G] normalized partials -> (o, lse) [B, H..].
 
   One variadic reduction over the splits with `_merge_pair` as its combiner (the lse
-  broadcast over D so both operands have one shape): one reduction kernel on a GPU, where
-  the two-pass form (max, weights, mass, numerator) took four (H200, 8B shapes: in the decode
-  loop at 128K 5.0 us per layer against 6.4 us for the four; at 1M, 2% kept, the whole merge
-  9.8 us in four kernels against 9.1 us in five: the reduction itself is latency-bound).
-  Empty partials (lse = EMPTY_LSE, o = 0) merge to an empty partial (EMPTY_LSE is finite)."""
+  broadcast over D so both operands have one shape), and nothing after it unless a remainder
+  is merged: the reduction of normalized partials is already the result (an empty partial,
+  lse = EMPTY_LSE and o = 0, merges to one: EMPTY_LSE is finite and EMPTY_LSE + log(S) rounds
+  to it). The reduction is a serial chain over the splits per output element, so the latency
+  of its combiner is what it costs (benchmarks/merge_splits.py: H200, 8 kv heads x G 4 x D
+  128, 33 splits: this form 5.1 us, of which 1.1 us the slice of lse out of its broadcast, a
+  kernel only when nothing consumes it; the previous form, two exponentials a step and the
+  epilogue of `merge_remainder` after it, 6.7 us in three kernels; the two-pass form 5.8 us
+  in five)."""
   b, k, s, g, d = o_part.shape
   lse_b = jnp.broadcast_to(lse_part.astype(jnp.float32)[..., None], o_part.shape)
   init = (jnp.float32(EMPTY_LSE), jnp.float32(0.0))
   lse, o = lax.reduce((lse_b, o_part.astype(jnp.float32)), init, _merge_pair, (2,))
-  lse = lse[..., 0]
+  lse, o = lse[..., 0].reshape(b, k * g), o.reshape(b, k * g, d)
+  if remainder is None:
+    return o, lse
   l = jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0)
-  return merge_remainder(lse.reshape(b, k * g), l.reshape(b, k * g), o.reshape(b, k * g, d),
-                         remainder)
+  return merge_remainder(lse, l, o, remainder)
 
 
 def _ranges(entries: int, bk: int, config: GatheredAttentionConfig, scan: bool):
