@@ -243,6 +243,23 @@ def test_kernel_ragged_counts_thresholds_partial_blocks():
                config=ga.GatheredAttentionConfig(blocks_per_program=4, steps_in_flight=2))
 
 
+@pytest.mark.parametrize("programs", [1, 5])
+def test_kernel_balanced_split(programs):
+  """The balanced split (the default kept-list path): programs sized by the total kept, not
+  the capacity: 1 program (one a head), 5 (a head's second program starts mid-window at an
+  unaligned entry); counts cap/0/1/random, a head with nothing kept still writes its row;
+  kept_max through the same split against its reference."""
+  q, keys, vals, blen, kept, cnt, thr = make(b=2, k=2, g=4, n=12, p=16, d=64, cap=7, seed=6)
+  cnt = cnt.at[1, 1].set(5)
+  thr = thr.at[1].set(jnp.array([-0.1, 0.0, 0.2, MASK_VALUE, 0.1, -0.3, 0.05, 0.4]))
+  args = (q, keys, vals, blen, kept, cnt, thr)
+  cfg = ga.GatheredAttentionConfig(programs=programs, steps_in_flight=2)
+  check_kernel(args, config=cfg)
+  mx = ga.kept_max(q, keys, blen, kept, cnt, impl="pallas", config=cfg, interpret=INTERPRET)
+  np.testing.assert_allclose(np.asarray(mx), np.asarray(ga.kept_max_reference(
+      q, keys, blen, kept, cnt)), rtol=2e-2, atol=2e-2)
+
+
 def test_kernel_d128_group3_no_remainder():
   """d 128, G 3, P 32, f16, one split covering the whole kept list."""
   args = make(b=2, k=2, g=3, n=9, p=32, d=128, cap=5, dtype=jnp.float16, seed=4)

@@ -108,10 +108,19 @@ class GatheredAttentionConfig:
   steps_in_flight: pipeline steps (TMA copies of K, V and lengths) in flight per program.
   blocks_per_step: kept blocks per pipeline step (2 halves the per-step overheads: one
     barrier wait, one softmax rescale and one WGMMA wait for two blocks).
+  balanced: the kept-list path with blocks_per_program None splits the kept entries of all
+    kv heads evenly over the programs, read from the counts inside the kernel: each program
+    takes c = max(ceil(total kept / programs), a floor) entries of one kv head, so a head
+    that keeps fewer blocks than the capacity gets fewer programs (a fixed share of the
+    capacity per head, balanced=False, leaves the programs of such heads idle while the
+    others run). Not for the in-kernel selection, whose programs scan fixed ranges.
+  programs: the balanced split's target count of programs (default: one wave, 2 an SM).
   """
   blocks_per_program: int | None = None
   steps_in_flight: int = 4
   blocks_per_step: int = 1
+  balanced: bool = True
+  programs: int | None = None
 
   def __post_init__(self):
     b = self.blocks_per_program
@@ -121,6 +130,8 @@ class GatheredAttentionConfig:
       raise ConfigError(f"blocks_per_step must be 1 or 2, got {self.blocks_per_step}")
     if not 1 <= self.steps_in_flight <= 16:
       raise ConfigError(f"steps_in_flight must be in [1, 16], got {self.steps_in_flight}")
+    if self.programs is not None and self.programs < 1:
+      raise ConfigError(f"programs must be positive, got {self.programs}")
 
 
 def _check_shapes(q, keys, values, block_len, kept, kept_count, threshold):
@@ -274,6 +285,50 @@ def _select_in_kernel(marg_smem, ids_smem, tri_smem, cnt_smem, cut, first, strid
   return cnt_smem[0].astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Balance:
+  """The balanced split (static): `bk` kv heads, `programs` the target count, entries a
+  program at least `floor`."""
+  bk: int
+  programs: int
+  floor: int
+
+
+def _balanced_share(cnt_smem, pid, cap: int, bal: _Balance):
+  """Places program pid in the balanced split. With c_h = min(count_h, cap), T = sum c_h and
+  c = max(ceil(T / programs), floor), kv head h gets n_h = max(1, ceil(c_h / c)) programs
+  (one even when it keeps nothing, so that every head writes its row), numbered head by head.
+  Returns (active: pid < sum n_h, kv head, split, first and stop entry of the head's kept
+  list, n_h); scalar work over the heads, run by every program."""
+  counts = [jnp.minimum(cnt_smem[h], cap) for h in range(bal.bk)]
+  c = jnp.maximum(lax.div(sum(counts) + (bal.programs - 1), jnp.int32(bal.programs)),
+                  bal.floor)
+  start, head, split, n_split, count = jnp.int32(0), jnp.int32(-1), jnp.int32(0), jnp.int32(0), \
+      jnp.int32(0)
+  for h, c_h in enumerate(counts):
+    n_h = jnp.maximum(lax.div(c_h + c - 1, c), 1)
+    hit = (pid >= start) & (pid < start + n_h)
+    head = jnp.where(hit, h, head)
+    split = jnp.where(hit, pid - start, split)
+    n_split = jnp.where(hit, n_h, n_split)
+    count = jnp.where(hit, c_h, count)
+    start = start + n_h
+  first = split * c
+  return head >= 0, jnp.maximum(head, 0), split, first, jnp.minimum(first + c, count), n_split
+
+
+def _balance_layout(cap: int, bk: int, per_step: int, config: GatheredAttentionConfig):
+  """(balance, slots per kv head, programs launched, kept-list window of a program)."""
+  target = config.programs or PROGRAMS_PER_SM * _sm_count()
+  even = -(-bk * cap // target)         # the share of each program when every head is full
+  # the floor bounds a head's programs (the merge's rows) at ~4/3 of a full head's: 2x cost
+  # 0.6 us more merge at 86 MB (H200, benchmarks/results/kernel_balance.json)
+  floor = max(1, -(-3 * even // 4))
+  slots = -(-cap // floor)
+  window = -(-(max(even, floor) + 3 + per_step) // 4) * 4  # + the alignment offset, a step
+  return _Balance(bk, target, floor), slots, min(target + bk, bk * slots), window
+
+
 def _attention_kernel(
     q_gmem,      # [B*H, D]      queries in the key dtype
     thr_gmem,    # [B*H] f32     thresholds
@@ -283,19 +338,22 @@ def _attention_kernel(
     k_gmem,      # [B*K*N*P, D]
     *rest,
     splits, g, n, cap, chunk, p, d, dtype, q_rows, per_step, k_transforms, v_transforms,
-    steps_in_flight, interpret, max_only=False, scan=False):
-  """One program: kv head bk = pid // splits, kept entries [s*chunk, (s+1)*chunk).
+    steps_in_flight, interpret, max_only=False, scan=False, balance=None):
+  """One program: kv head bk = pid // splits, kept entries [s*chunk, (s+1)*chunk); or, with
+  `balance` (a `_Balance`), the program's share of the balanced split (`_balanced_share`),
+  its outputs at row bk * splits + s.
 
   rest (attention):
     v_gmem      [B*K*N*P, D]
-    o_gmem      [programs, G, D] f32   normalized partial outputs
-    lse_gmem    [programs, R] f32      natural-log partial lse: R = G (the group's rows) when
+    o_gmem      [BK*splits, G, D] f32  normalized partial outputs
+    lse_gmem    [BK*splits, R] f32     natural-log partial lse: R = G (the group's rows) when
                                        G % 4 == 0, else R = 64 (rows (bk*G)%8 + [0, G) used)
-    n_gmem      [programs, R] f32      keys attended (valid and >= threshold), same rows
+    n_gmem      [BK*splits, R] f32     keys attended (valid and >= threshold), same rows
+    (balance: nsplit_gmem [BK, 4] int32)
     then the scratch: q_smem, thr_smem, ids_smem, cnt_smem, bars.
   rest (max_only: a scores-only pass that reads the keys and not the values):
-    mx_gmem     [programs, R] f32      max score over the valid kept keys (MASK_VALUE: none)
-    then the same scratch.
+    mx_gmem     [BK*splits, R] f32     max score over the valid kept keys (MASK_VALUE: none)
+    (balance: nsplit_gmem) then the same scratch.
 
   The q and threshold windows (q_rows rows) start at the 8-row boundary at or before the
   group's first head (row offset (bk*G) % 8, as TMA into a tiled tile needs); their other
@@ -309,32 +367,49 @@ def _attention_kernel(
 
   if scan:  # kept_gmem holds the margins [B*K*cap] f32 (interleaved, see _launch), cnt_gmem cuts
     *rest, marg_smem, tri_smem, sel_cnt_smem = rest
+  if balance is not None:  # one more output after the others: nsplit [BK, 4] int32, the
+    # programs of each kv head (its rows past them are not written)
+    at = 1 if max_only else 4  # (the max, or v_gmem and three outputs)
+    nsplit_gmem, rest = rest[at], rest[:at] + rest[at + 1:]
   if max_only:
     mx_gmem, q_smem, thr_smem, ids_smem, cnt_smem, bars = rest
   else:
     v_gmem, o_gmem, lse_gmem, n_gmem, q_smem, thr_smem, ids_smem, cnt_smem, bars = rest
 
   pid = lax.axis_index("p")
-  bk = lax.div(pid, jnp.int32(splits))
-  split = lax.rem(pid, jnp.int32(splits))
+  ids_off = 0  # where the program's entries start in ids_smem
+  if balance is not None:  # the counts of every kv head first: they place this program
+    plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(0, cnt_smem.shape[0])], cnt_smem, bars.at[3])
+    plgpu.barrier_wait(bars.at[3])
+    active, bk, split, first, stop, n_split = _balanced_share(cnt_smem, pid, cap, balance)
+    slot = bk * splits + split
+    ids_start = pl.multiple_of(lax.div(bk * cap + first, 4) * 4, 4)
+    ids_off = bk * cap + first - ids_start
+  else:
+    bk = lax.div(pid, jnp.int32(splits))
+    split = lax.rem(pid, jnp.int32(splits))
+    slot = pid
+    ids_start = pl.multiple_of(bk * cap + split * chunk, 4)
   # Copies start on aligned rows/words: 8 rows for the tiled q tile, 16 bytes for 1-D ones.
   q_start = pl.multiple_of(lax.div(bk * g, 8) * 8, 8)
   plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(q_start, q_rows)], q_smem.at[pl.ds(0, q_rows)],
                           bars.at[0])
   plgpu.copy_gmem_to_smem(thr_gmem.at[pl.ds(q_start, q_rows)], thr_smem.at[pl.ds(0, q_rows)],
                           bars.at[1])
-  ids_start = pl.multiple_of(bk * cap + split * chunk, 4)
-  plgpu.copy_gmem_to_smem(kept_gmem.at[pl.ds(ids_start, chunk)],
+  plgpu.copy_gmem_to_smem(kept_gmem.at[pl.ds(ids_start, ids_smem.shape[0])],
                           marg_smem if scan else ids_smem, bars.at[2])
-  cnt_start = pl.multiple_of(lax.div(bk, 4) * 4, 4)
-  plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(cnt_start, 4)], cnt_smem, bars.at[3])
-  for i in range(4):
+  if balance is None:
+    cnt_start = pl.multiple_of(lax.div(bk, 4) * 4, 4)
+    plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(cnt_start, 4)], cnt_smem, bars.at[3])
+  for i in range(3 if balance is not None else 4):
     plgpu.barrier_wait(bars.at[i])
   if scan:  # this program's blocks split + splits * [0, chunk): keep margin >= cut
     n_entries = _select_in_kernel(marg_smem, ids_smem, tri_smem, sel_cnt_smem,
                                   cnt_smem[lax.rem(bk, 4)], split, splits,
                                   lax.div(n - split + (splits - 1), jnp.int32(splits)),
                                   chunk=chunk, interpret=interpret)
+  elif balance is not None:
+    n_entries = jnp.where(active, stop - first, 0)
   else:
     count = jnp.minimum(cnt_smem[lax.rem(bk, 4)], cap)
     n_entries = jnp.clip(count - split * chunk, 0, chunk)
@@ -351,7 +426,7 @@ def _attention_kernel(
     return x_smem.at[pl.ds(bk * g - q_start, g)] if g % 4 == 0 else x_smem
 
   def block(j):  # global block number of kept entry j (clamped: entries past count are junk)
-    return first_block + jnp.clip(ids_smem[j], 0, n - 1)
+    return first_block + jnp.clip(ids_smem[j + ids_off], 0, n - 1)
 
   def max_step(idx, *refs):  # max_only: the valid kept keys' max score, natural units
     *refs, (m,) = refs
@@ -432,6 +507,25 @@ def _attention_kernel(
     return plgpu.BlockSpec((_LEN_WINDOW,),
                            lambda i: (lax.div(block(i * per_step + t), _LEN_WINDOW),))
 
+  def _stores(write, scratch):  # the program's outputs; balanced: only a placed program's,
+    # and the first program of each kv head also writes the head's number of programs
+    if balance is None:
+      pl.run_scoped(write, *scratch)
+      return
+
+    @pl.when(active)
+    def _():
+      pl.run_scoped(write, *scratch)
+
+    @pl.when(active & (split == 0))
+    def _():
+      def write_nsplit(ns_smem):
+        ns_smem[...] = _mgpu.layout_cast(jnp.full((_ROWS,), n_split, jnp.int32), row, interpret)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(ns_smem.at[pl.ds(0, 4)], nsplit_gmem.at[bk])
+        plgpu.wait_smem_to_gmem(0)
+      pl.run_scoped(write_nsplit, plgpu.SMEM((_ROWS,), jnp.int32))
+
   m0 = _mgpu.layout_cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret)
   if max_only:
     (m,) = plgpu.emit_pipeline(
@@ -446,10 +540,10 @@ def _attention_kernel(
     def store_max(mx_smem):
       mx_smem[...] = m
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(group_rows(mx_smem), mx_gmem.at[pid])
+      plgpu.copy_smem_to_gmem(group_rows(mx_smem), mx_gmem.at[slot])
       plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(store_max, plgpu.SMEM((_ROWS,), jnp.float32))
+    _stores(store_max, [plgpu.SMEM((_ROWS,), jnp.float32)])
     return
 
   acc0 = _mgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA,
@@ -476,13 +570,13 @@ def _attention_kernel(
     lse_smem[...] = lse
     n_smem[...] = c
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(bk * g - q_start, g)], o_gmem.at[pid])
-    plgpu.copy_smem_to_gmem(group_rows(lse_smem), lse_gmem.at[pid])
-    plgpu.copy_smem_to_gmem(group_rows(n_smem), n_gmem.at[pid])
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(bk * g - q_start, g)], o_gmem.at[slot])
+    plgpu.copy_smem_to_gmem(group_rows(lse_smem), lse_gmem.at[slot])
+    plgpu.copy_smem_to_gmem(group_rows(n_smem), n_gmem.at[slot])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(store, plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32),
-                plgpu.SMEM((_ROWS,), jnp.float32))
+  _stores(store, [plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32),
+                  plgpu.SMEM((_ROWS,), jnp.float32)])
 
 
 #: The longest range of blocks one program scans in `select_attention` (its default).
@@ -609,12 +703,17 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   if scan and cap != splits * chunk:
     raise ShapeError(f"margins of {cap} entries a kv head, expected {splits * chunk} (the "
                      f"interleaved layout of {n} blocks: interleave_margins)")
-  programs = bk * splits
-
   kept = kept.astype(jnp.float32 if scan else jnp.int32)
   if cap % 4:  # 1-D copies start on 16-byte boundaries: a copy of kept, for odd capacities
     kept = jnp.pad(kept, ((0, 0), (0, 0), (0, 4 - cap % 4)))
     cap = kept.shape[2]
+  balance = None
+  programs = bk * splits
+  window = chunk
+  cnt_len = 4
+  if not scan and config.balanced and config.blocks_per_program is None:
+    balance, splits, programs, window = _balance_layout(cap, bk, per_step, config)
+    cnt_len = -(-bk // 4) * 4
   flat = dict(q=q.astype(dtype).reshape(b * h, d), thr=threshold.astype(jnp.float32).reshape(-1),
               kept=kept.reshape(-1),
               cnt=kept_count.astype(jnp.float32 if scan else jnp.int32).reshape(-1),
@@ -626,8 +725,8 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   tail = interpret
   want = dict(q=-(-max(b * h, q_rows) // 8) * 8 + (q_rows if tail else 0),
               thr=max(b * h, q_rows) + (q_rows if tail else 0),
-              kept=max(bk * cap, chunk) + (chunk if tail else 0),
-              cnt=max(bk, 4) + (4 if tail else 0),
+              kept=max(bk * cap, window) + (window if tail else 0),
+              cnt=max(bk, cnt_len) + (4 if tail else 0),
               blen=max(bk * n, _LEN_WINDOW) + (_LEN_WINDOW if tail else 0))
   for name, size in want.items():
     x = flat[name]
@@ -642,11 +741,14 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       _attention_kernel, splits=splits, g=g, n=n, cap=cap, chunk=chunk, p=p, d=d, dtype=dtype,
       q_rows=q_rows, per_step=per_step, k_transforms=qk_t, v_transforms=v_t,
       steps_in_flight=config.steps_in_flight, interpret=interpret, max_only=max_only,
-      scan=scan)
+      scan=scan, balance=balance)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
-  rows_sds = jax.ShapeDtypeStruct((programs, g if g % 4 == 0 else _ROWS), jnp.float32)
-  out_type = (rows_sds if max_only else
-              (jax.ShapeDtypeStruct((programs, g, d), jnp.float32), rows_sds, rows_sds))
+  slots = bk * splits  # output rows: program (kv head, split) writes row kv head * splits + split
+  rows_sds = jax.ShapeDtypeStruct((slots, g if g % 4 == 0 else _ROWS), jnp.float32)
+  out_type = ((rows_sds,) if max_only else
+              (jax.ShapeDtypeStruct((slots, g, d), jnp.float32), rows_sds, rows_sds))
+  if balance is not None:
+    out_type = out_type + (jax.ShapeDtypeStruct((bk, 4), jnp.int32),)
   inputs = [flat["q"], flat["thr"], flat["kept"], flat["cnt"], flat["blen"], keys.reshape(-1, d)]
   if not max_only:
     inputs.append(values.reshape(-1, d))
@@ -661,8 +763,8 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       scratch_types=[
           plgpu.SMEM((_ROWS, d), dtype, transforms=qk_t),
           plgpu.SMEM((_ROWS,), jnp.float32),
-          plgpu.SMEM((chunk,), jnp.int32),
-          plgpu.SMEM((4,), jnp.float32 if scan else jnp.int32),
+          plgpu.SMEM((window,), jnp.int32),
+          plgpu.SMEM((cnt_len,), jnp.float32 if scan else jnp.int32),
           plgpu.Barrier(num_barriers=4),
           *([plgpu.SMEM((chunk,), jnp.float32),
              plgpu.SMEM((_SEL, _SEL), jnp.bfloat16, transforms=sel_t),
@@ -675,10 +777,17 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   rows = jnp.asarray((np.arange(bk) * g % 8)[:, None, None] + np.arange(g))  # [bk, 1, G]
   pick = lambda x: (x if g % 4 == 0 else jnp.take_along_axis(
       x.reshape(bk, splits, _ROWS), rows, axis=2)).reshape(b, k, splits, g)
+  if balance is None:
+    valid = lambda x, empty: x
+  else:  # rows past a head's programs were never written
+    *out, nsplit = out
+    live = (jnp.arange(splits)[None, :] < nsplit[:, :1]).reshape(b, k, splits, 1)
+    valid = lambda x, empty: jnp.where(live.reshape(live.shape + (1,) * (x.ndim - 4)), x, empty)
   if max_only:
-    return pick(out)
+    return valid(pick(out[0]), MASK_VALUE)
   o_part, lse_part, n_part = out
-  return o_part.reshape(b, k, splits, g, d), pick(lse_part), pick(n_part)
+  return (valid(o_part.reshape(b, k, splits, g, d), 0.0), valid(pick(lse_part), EMPTY_LSE),
+          valid(pick(n_part), 0.0))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "with_counts", "scan"))

@@ -1,0 +1,107 @@
+"""The gathered-attention kernel's balanced split against a fixed share of the capacity per kv
+head, side by side (GPU; Llama-3-8B layer shapes: 8 kv heads, G 4, d 128, bf16, P 32).
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_balance.py --out benchmarks/results
+
+For each capacity, kept counts either all at the capacity ("full") or ragged, each kv head
+keeping a uniformly random 50-100% of it ("ragged": what a dynamic rule such as DIPR's under a
+capacity gives). Two splits of the kept lists into programs, both one wave of 2 programs an
+SM: "static" (`blocks_per_program` from the capacity, the same share for every head) and
+"balanced" (`GatheredAttentionConfig()`'s default: shares from the total kept, read from the
+counts in the kernel). GPU time from the profiler of the attention kernel alone and of the
+whole `gathered_attention` call (kernel + the merge of the splits), per call (one trace of 8
+calls in a jit); bandwidth is the kept K+V bytes over it, against the copy roofline measured
+in the same run. Writes kernel_balance.json and kernel_balance.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
+from kernel_waves import B, D, G, K, P, REPS, random_kept, random_layer, timed  # noqa: E402
+from kernels import roofline  # noqa: E402
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--caps", type=int, nargs="*", default=[656, 2048],
+                  help="capacity: kept blocks per kv head at most")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = ap.parse_args()
+  if jax.default_backend() != "gpu":
+    raise SystemExit("kernel_balance.py times the Mosaic GPU kernel: it needs an NVIDIA GPU")
+  keys, vals, blen, thr = random_layer()
+  qs = jax.random.normal(jax.random.key(2), (REPS, B, K * G, D), jnp.bfloat16)
+  read_tbps, copy_tbps = roofline()
+  print(f"read {read_tbps:.2f} TB/s, copy {copy_tbps:.2f} TB/s", flush=True)
+  rng = np.random.default_rng(0)
+  rows = []
+  for cap in args.caps:
+    kept, full = random_kept(rng, cap)
+    ragged = jnp.asarray(np.round(cap * rng.uniform(0.5, 1.0, (B, K))).astype(np.int32))
+    for counts_name, cnt in (("full", full), ("ragged", ragged)):
+      mb = int(cnt.sum()) * P * D * 2 * 2 / 1e6
+      static = ga.GatheredAttentionConfig(blocks_per_program=ga.default_blocks_per_program(cap, K))
+      for split, cfg in (("static", static), ("balanced", ga.GatheredAttentionConfig())):
+
+        @jax.jit
+        def f(qs, kept, cnt, cfg=cfg):  # every output returned: no consumer kernels timed
+          return [ga.gathered_attention(qs[r], keys, vals, blen, kept, cnt, thr, config=cfg)
+                  for r in range(REPS)]
+
+        kern_us, call_us, rest = timed(f, (qs, kept, cnt))
+        r = dict(cap=cap, counts=counts_name, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
+                 split=split, kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
+                 kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
+                 kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
+                 call_vs_copy=round(mb / call_us / copy_tbps, 3), other_kernels_us=rest)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  meta = dict(device=jax.devices()[0].device_kind, sms=ga._sm_count(), jax=jax.__version__,
+              python=platform.python_version(),
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              command="python " + " ".join(sys.argv), read_TBps=read_tbps, copy_TBps=copy_tbps,
+              note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
+  with open(os.path.join(args.out, "kernel_balance.json"), "w") as fh:
+    json.dump(dict(meta, rows=rows), fh, indent=1)
+  plot(rows, meta, os.path.join(args.out, "kernel_balance.png"))
+
+
+def plot(rows, meta, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  cases = [(r["cap"], r["counts"]) for r in rows if r["split"] == "static"]
+  x = np.arange(len(cases))
+  for i, (split, key) in enumerate((("static", "kernel_vs_copy"), ("static", "call_vs_copy"),
+                                    ("balanced", "kernel_vs_copy"),
+                                    ("balanced", "call_vs_copy"))):
+    vals = [next(r[key] for r in rows if (r["cap"], r["counts"]) == c and r["split"] == split)
+            for c in cases]
+    ax.bar(x + (i - 1.5) * 0.2, vals, 0.2,
+           label=f"{split}, {'kernel' if key.startswith('kernel') else 'whole call'}")
+  ax.axhline(0.8, color="gray", ls="--", lw=1)
+  ax.set_xticks(x, [f"cap {c}, {n}\n{next(r['MB'] for r in rows if (r['cap'], r['counts']) == (c, n)):.0f} MB"
+                    for c, n in cases], fontsize=8)
+  ax.set_ylabel("fraction of the copy roofline")
+  ax.set_title(f"gathered attention: balanced vs static split ({meta['device']})", fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+  main()
