@@ -16,10 +16,8 @@ in the same run. Writes kernel_balance.json and kernel_balance.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -29,8 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
-from kernel_waves import B, D, G, K, P, REPS, random_kept, random_layer, timed  # noqa: E402
-from kernels import roofline  # noqa: E402
+from bench_io import run_meta, write_json  # noqa: E402
+from kernel_waves import B, D, K, P, REPS, bandwidth, random_kept, setup, timed  # noqa: E402
 
 
 def main():
@@ -39,12 +37,7 @@ def main():
                   help="capacity: kept blocks per kv head at most")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = ap.parse_args()
-  if jax.default_backend() != "gpu":
-    raise SystemExit("kernel_balance.py times the Mosaic GPU kernel: it needs an NVIDIA GPU")
-  keys, vals, blen, thr = random_layer()
-  qs = jax.random.normal(jax.random.key(2), (REPS, B, K * G, D), jnp.bfloat16)
-  read_tbps, copy_tbps = roofline()
-  print(f"read {read_tbps:.2f} TB/s, copy {copy_tbps:.2f} TB/s", flush=True)
+  (keys, vals, blen, thr), qs, (read_tbps, copy_tbps) = setup("kernel_balance.py")
   rng = np.random.default_rng(0)
   rows = []
   for cap in args.caps:
@@ -62,20 +55,13 @@ def main():
 
         kern_us, call_us, rest = timed(f, (qs, kept, cnt))
         r = dict(cap=cap, counts=counts_name, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
-                 split=split, kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
-                 kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
-                 kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
-                 call_vs_copy=round(mb / call_us / copy_tbps, 3), other_kernels_us=rest)
+                 split=split, **bandwidth(mb, kern_us, call_us, copy_tbps),
+                 other_kernels_us=rest)
         rows.append(r)
         print(json.dumps(r), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  meta = dict(device=jax.devices()[0].device_kind, sms=ga._sm_count(), jax=jax.__version__,
-              python=platform.python_version(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              command="python " + " ".join(sys.argv), read_TBps=read_tbps, copy_TBps=copy_tbps,
-              note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
-  with open(os.path.join(args.out, "kernel_balance.json"), "w") as fh:
-    json.dump(dict(meta, rows=rows), fh, indent=1)
+  meta = run_meta(sms=ga._sm_count(), read_TBps=read_tbps, copy_TBps=copy_tbps,
+                  note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
+  write_json(args.out, "kernel_balance", meta, rows)
   plot(rows, meta, os.path.join(args.out, "kernel_balance.png"))
 
 
@@ -98,7 +84,7 @@ def plot(rows, meta, path):
                     for c, n in cases], fontsize=8)
   ax.set_ylabel("fraction of the copy roofline")
   ax.set_title(f"gathered attention: balanced vs static split ({meta['device']})", fontsize=9)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="lower center", ncol=2, framealpha=0.9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 

@@ -15,10 +15,8 @@ Writes kernel_waves.json and kernel_waves.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -28,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
+from bench_io import run_meta, write_json  # noqa: E402
 from gpu_trace import kernel_events  # noqa: E402
 from kernels import roofline  # noqa: E402
 
@@ -62,18 +61,31 @@ def timed(f, args):
   return kern * 1e6, tot * 1e6, {n: round(t, 2) for n, t in rest.items()}
 
 
+def setup(script: str):
+  """(random_layer(), REPS query sets, (read, copy) rooflines measured now); GPU only."""
+  if jax.default_backend() != "gpu":
+    raise SystemExit(f"{script} times the Mosaic GPU kernel: it needs an NVIDIA GPU")
+  qs = jax.random.normal(jax.random.key(2), (REPS, B, K * G, D), jnp.bfloat16)
+  read_tbps, copy_tbps = roofline()
+  print(f"read {read_tbps:.2f} TB/s, copy {copy_tbps:.2f} TB/s", flush=True)
+  return random_layer(), qs, (read_tbps, copy_tbps)
+
+
+def bandwidth(mb: float, kern_us: float, call_us: float, copy_tbps: float) -> dict:
+  """The row fields of a kept selection of `mb` MB read by the kernel / the whole call."""
+  return dict(kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
+              kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
+              kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
+              call_vs_copy=round(mb / call_us / copy_tbps, 3))
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--caps", type=int, nargs="*", default=[328, 656, 2048],
                   help="kept blocks per kv head")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = ap.parse_args()
-  if jax.default_backend() != "gpu":
-    raise SystemExit("kernel_waves.py times the Mosaic GPU kernel: it needs an NVIDIA GPU")
-  keys, vals, blen, thr = random_layer()
-  qs = jax.random.normal(jax.random.key(2), (REPS, B, K * G, D), jnp.bfloat16)
-  read_tbps, copy_tbps = roofline()
-  print(f"read {read_tbps:.2f} TB/s, copy {copy_tbps:.2f} TB/s", flush=True)
+  (keys, vals, blen, thr), qs, (read_tbps, copy_tbps) = setup("kernel_waves.py")
   rng = np.random.default_rng(0)
   rows = []
   for cap in args.caps:
@@ -93,20 +105,12 @@ def main():
       r = dict(cap=cap, MB=round(mb, 1), blocks_per_program=chunk, steps_in_flight=sif,
                programs=K * -(-cap // chunk), default=chunk == new and sif == 4,
                previous_default=chunk == old and sif == 4,
-               kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
-               kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
-               kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
-               call_vs_copy=round(mb / call_us / copy_tbps, 3), other_kernels_us=rest)
+               **bandwidth(mb, kern_us, call_us, copy_tbps), other_kernels_us=rest)
       rows.append(r)
       print(json.dumps(r), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  meta = dict(device=jax.devices()[0].device_kind, sms=ga._sm_count(), jax=jax.__version__,
-              python=platform.python_version(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              command="python " + " ".join(sys.argv), read_TBps=read_tbps, copy_TBps=copy_tbps,
-              note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
-  with open(os.path.join(args.out, "kernel_waves.json"), "w") as fh:
-    json.dump(dict(meta, rows=rows), fh, indent=1)
+  meta = run_meta(sms=ga._sm_count(), read_TBps=read_tbps, copy_TBps=copy_tbps,
+                  note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
+  write_json(args.out, "kernel_waves", meta, rows)
   plot(rows, meta, os.path.join(args.out, "kernel_waves.png"))
 
 

@@ -21,10 +21,8 @@ Writes merge_splits.json and merge_splits.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -36,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas._mgpu import EMPTY_LSE  # noqa: E402
+from bench_io import run_meta, write_json  # noqa: E402
 from gpu_trace import kernel_events  # noqa: E402
 
 B, K, G, D = 1, 8, 4, 128
@@ -126,14 +125,9 @@ def main():
                kernels=round(len(ev) / REPS, 2), max_abs_diff_vs_library=err, kernels_us=per)
       rows.append(r)
       print(json.dumps(r), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-              python=platform.python_version(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              command="python " + " ".join(sys.argv), shape=dict(B=B, K=K, G=G, D=D),
-              note="GPU time per merge (sum of its kernels) from the profiler, REPS=8 in a jit")
-  with open(os.path.join(args.out, "merge_splits.json"), "w") as fh:
-    json.dump(dict(meta, rows=rows), fh, indent=1)
+  meta = run_meta(shape=dict(B=B, K=K, G=G, D=D),
+                  note="GPU time per merge (sum of its kernels) from the profiler, REPS=8 in a jit")
+  write_json(args.out, "merge_splits", meta, rows)
   plot(rows, meta, os.path.join(args.out, "merge_splits.png"))
 
 
