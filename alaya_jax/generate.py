@@ -86,16 +86,26 @@ def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Ar
 
 
 # --- jitted pieces (graphdef static; state a pytree) --------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "first_chunk"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "first_chunk", "kv_span"),
+                   donate_argnames=("cache",))
 def prefill_chunk(graphdef, state, tokens, start, cache: KVCache, query_index=None, *,
-                  first_chunk: bool):
+                  first_chunk: bool, kv_span: int | None = None):
     """tokens [B, C] at positions start..start+C-1 -> (hidden [B, C, E], cache), plus the
     post-RoPE queries at the chunk-local positions query_index [B, n] when given
-    ([L, B, n, H, D])."""
+    ([L, B, n, H, D]). kv_span: the cache positions the chunk attends over (see Llama)."""
     model = nnx.merge(graphdef, state)
     B, C = tokens.shape
     positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
-    return model(tokens, positions, cache, first_chunk=first_chunk, query_index=query_index)
+    return model(tokens, positions, cache, first_chunk=first_chunk, query_index=query_index,
+                 kv_span=kv_span)
+
+
+def kv_span_for(end: int, chunk: int, max_len: int) -> int:
+    """The cache span a prefill chunk ending at position `end` attends over: the chunk size
+    times the power of two at or above end / chunk, at most max_len. Each span is a compile
+    of the chunk; over a prompt of n chunks there are ~log2(n) of them, and the chunks attend
+    to ~2/3 of what attending to the whole cache costs (1/2 + the rounding)."""
+    return min(max_len, chunk * (1 << max(0, math.ceil(math.log2(-(-end // chunk))))))
 
 
 @flax.struct.dataclass
@@ -121,7 +131,7 @@ def logits_at(graphdef, state, hidden, index):
 
 def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, *,
             start: int = 0, chunk: int = 512, progress: Callable[[int, int], None] | None = None,
-            collect_queries: int = 0):
+            collect_queries: int = 0, span_buckets: bool = True):
     """Chunked prefill of right-padded new tokens [B, T] with valid counts lengths [B].
 
     The tokens go to positions start..start+T-1 of every sequence (the cache already holds
@@ -130,6 +140,8 @@ def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCach
     chunk; a chunk at position 0 attends causally to itself, later ones to the cache.
     collect_queries n > 0: also return the `PrefillQueries` of each sequence's own last n new
     tokens (a sequence with fewer repeats its first), as a third element.
+    span_buckets: a later chunk attends over the cache positions up to a power-of-two multiple
+    of the chunk covering it (`kv_span_for`), not the whole cache (False).
     """
     graphdef, state = nnx.split(model)
     B, T = tokens.shape
@@ -151,14 +163,17 @@ def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCach
     for c in range(n_chunks):
         args = (graphdef, state, jnp.asarray(padded[:, c * C:(c + 1) * C]),
                 jnp.int32(start + c * C), cache)
+        first = start == 0 and c == 0
+        kw = dict(first_chunk=first, kv_span=kv_span_for(start + (c + 1) * C, C, cache.max_len)
+                  if span_buckets and not first else None)
         if n_q:
             q_local = q_tok - c * C
             hidden, cache, q_at = prefill_chunk(*args, jnp.asarray(np.clip(q_local, 0, C - 1)),
-                                                first_chunk=(start == 0 and c == 0))
+                                                **kw)
             q_here = jnp.asarray((q_local >= 0) & (q_local < C))[None, :, :, None, None]
             queries = q_at if queries is None else jnp.where(q_here, q_at, queries)
         else:
-            hidden, cache = prefill_chunk(*args, first_chunk=(start == 0 and c == 0))
+            hidden, cache = prefill_chunk(*args, **kw)
         # Each sequence's last token lies in exactly one chunk: take its logits there.
         local = lengths - 1 - c * C
         here = (local >= 0) & (local < C)

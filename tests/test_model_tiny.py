@@ -86,6 +86,29 @@ def test_chunked_generate_equals_reference_greedy(tmp_path, tiny):
     assert res.tokens[0] == seq[len(ids):]
 
 
+def test_prefill_span_buckets_equal_whole_cache_and_reference(tmp_path, tiny):
+    """Chunks attending over power-of-two spans of the cache (the default) give the logits of
+    chunks attending over the whole cache, and of the numpy forward; from a cached prefix
+    too (start 24: spans 32/64/.. of chunks of 8, unaligned to the chunks)."""
+    from alaya_jax.generate import kv_span_for
+    assert [kv_span_for(e, 8, 100) for e in (8, 16, 24, 33, 64, 65, 200)] == \
+        [8, 16, 32, 64, 64, 100, 100]
+    tl.write_hf(tmp_path, tiny)
+    model, _ = aj.load_model(str(tmp_path))
+    ids = np.asarray([list(range(3, 60))], np.int32)
+    outs = []
+    for buckets in (True, False):
+        cache = aj.KVCache.zeros(model.cfg, 1, 100, model.dtype)
+        _, cache = aj.prefill(model, ids[:, :24], np.array([24]), cache, chunk=8,
+                              span_buckets=buckets)
+        lg, _ = aj.prefill(model, ids[:, 24:], np.array([33]), cache, start=24, chunk=8,
+                           span_buckets=buckets)
+        outs.append(np.asarray(lg[0]))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(outs[0], tl.reference_logits(tiny, list(ids[0]))[-1],
+                               atol=ATOL, rtol=1e-4)
+
+
 def test_llama3_rope_scaling_matches_formula():
     """Llama-3.1 scaling: high frequencies kept, low ones divided by factor, smooth between."""
     cfg = config_from_hf(dict(tl.TINY, model_type="llama", head_dim=128, rope_theta=500000.0,
