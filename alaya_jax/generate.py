@@ -131,7 +131,7 @@ def logits_at(graphdef, state, hidden, index):
 
 def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, *,
             start: int = 0, chunk: int = 512, progress: Callable[[int, int], None] | None = None,
-            collect_queries: int = 0, span_buckets: bool = True):
+            collect_queries: int = 0, span_buckets: bool | None = None):
     """Chunked prefill of right-padded new tokens [B, T] with valid counts lengths [B].
 
     The tokens go to positions start..start+T-1 of every sequence (the cache already holds
@@ -141,8 +141,12 @@ def prefill(model: Llama, tokens: np.ndarray, lengths: np.ndarray, cache: KVCach
     collect_queries n > 0: also return the `PrefillQueries` of each sequence's own last n new
     tokens (a sequence with fewer repeats its first), as a third element.
     span_buckets: a later chunk attends over the cache positions up to a power-of-two multiple
-    of the chunk covering it (`kv_span_for`), not the whole cache (False).
+    of the chunk covering it (`kv_span_for`), not the whole cache (False). None: on the CPU
+    only (measured there, benchmarks/cpu_prefill.py; on a GPU each span is a compile of the
+    unrolled layers, not measured against the attention it saves).
     """
+    if span_buckets is None:
+        span_buckets = jax.default_backend() == "cpu"
     graphdef, state = nnx.split(model)
     B, T = tokens.shape
     n_chunks = max(1, math.ceil(T / chunk))

@@ -1,5 +1,5 @@
 """Chunked prefill on the CPU, side by side: later chunks attending over power-of-two spans of
-the cache (`prefill(span_buckets=True)`, the default) against the whole cache (False).
+the cache (`prefill(span_buckets=True)`, the CPU's default) against the whole cache (False).
 
     python benchmarks/cpu_prefill.py --tokens 2048 4096
 
