@@ -20,15 +20,14 @@ import json
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
-from bench_io import run_meta, write_json  # noqa: E402
-from kernel_waves import B, D, K, P, REPS, bandwidth, random_kept, setup, timed  # noqa: E402
+from kernel_waves import (B, D, K, P, bandwidth, finish, random_kept, setup,  # noqa: E402
+                          time_config)
 
 
 def main():
@@ -37,7 +36,7 @@ def main():
                   help="capacity: kept blocks per kv head at most")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = ap.parse_args()
-  (keys, vals, blen, thr), qs, (read_tbps, copy_tbps) = setup("kernel_balance.py")
+  layer, qs, (read_tbps, copy_tbps) = setup("kernel_balance.py")
   rng = np.random.default_rng(0)
   rows = []
   for cap in args.caps:
@@ -47,22 +46,13 @@ def main():
       mb = int(cnt.sum()) * P * D * 2 * 2 / 1e6
       static = ga.GatheredAttentionConfig(blocks_per_program=ga.default_blocks_per_program(cap, K))
       for split, cfg in (("static", static), ("balanced", ga.GatheredAttentionConfig())):
-
-        @jax.jit
-        def f(qs, kept, cnt, cfg=cfg):  # every output returned: no consumer kernels timed
-          return [ga.gathered_attention(qs[r], keys, vals, blen, kept, cnt, thr, config=cfg)
-                  for r in range(REPS)]
-
-        kern_us, call_us, rest = timed(f, (qs, kept, cnt))
+        kern_us, call_us, rest = time_config(cfg, layer, qs, kept, cnt)
         r = dict(cap=cap, counts=counts_name, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
                  split=split, **bandwidth(mb, kern_us, call_us, copy_tbps),
                  other_kernels_us=rest)
         rows.append(r)
         print(json.dumps(r), flush=True)
-  meta = run_meta(sms=ga._sm_count(), read_TBps=read_tbps, copy_TBps=copy_tbps,
-                  note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
-  write_json(args.out, "kernel_balance", meta, rows)
-  plot(rows, meta, os.path.join(args.out, "kernel_balance.png"))
+  finish(args.out, "kernel_balance", rows, (read_tbps, copy_tbps), plot)
 
 
 def plot(rows, meta, path):

@@ -71,6 +71,26 @@ def setup(script: str):
   return random_layer(), qs, (read_tbps, copy_tbps)
 
 
+def time_config(cfg, layer, qs, kept, cnt):
+  """`timed` of REPS `gathered_attention` calls with config cfg on layer = random_layer()."""
+  keys, vals, blen, thr = layer
+
+  @jax.jit
+  def f(qs, kept, cnt):  # every output returned: no consumer kernels timed
+    return [ga.gathered_attention(qs[r], keys, vals, blen, kept, cnt, thr, config=cfg)
+            for r in range(REPS)]
+
+  return timed(f, (qs, kept, cnt))
+
+
+def finish(out: str, name: str, rows, rooflines, plot_fn):
+  """Writes out/name.json (rows with the run's metadata and rooflines) and out/name.png."""
+  meta = run_meta(sms=ga._sm_count(), read_TBps=rooflines[0], copy_TBps=rooflines[1],
+                  note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
+  write_json(out, name, meta, rows)
+  plot_fn(rows, meta, os.path.join(out, name + ".png"))
+
+
 def bandwidth(mb: float, kern_us: float, call_us: float, copy_tbps: float) -> dict:
   """The row fields of a kept selection of `mb` MB read by the kernel / the whole call."""
   return dict(kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
@@ -85,7 +105,7 @@ def main():
                   help="kept blocks per kv head")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = ap.parse_args()
-  (keys, vals, blen, thr), qs, (read_tbps, copy_tbps) = setup("kernel_waves.py")
+  layer, qs, (read_tbps, copy_tbps) = setup("kernel_waves.py")
   rng = np.random.default_rng(0)
   rows = []
   for cap in args.caps:
@@ -96,22 +116,14 @@ def main():
     for chunk, sif in sorted({(old, 4), (new, 4), (new, 2)}):
       cfg = ga.GatheredAttentionConfig(blocks_per_program=chunk, steps_in_flight=sif)
 
-      @jax.jit
-      def f(qs, kept, cnt, cfg=cfg):  # every output returned: no consumer kernels timed
-        return [ga.gathered_attention(qs[r], keys, vals, blen, kept, cnt, thr, config=cfg)
-                for r in range(REPS)]
-
-      kern_us, call_us, rest = timed(f, (qs, kept, cnt))
+      kern_us, call_us, rest = time_config(cfg, layer, qs, kept, cnt)
       r = dict(cap=cap, MB=round(mb, 1), blocks_per_program=chunk, steps_in_flight=sif,
                programs=K * -(-cap // chunk), default=chunk == new and sif == 4,
                previous_default=chunk == old and sif == 4,
                **bandwidth(mb, kern_us, call_us, copy_tbps), other_kernels_us=rest)
       rows.append(r)
       print(json.dumps(r), flush=True)
-  meta = run_meta(sms=ga._sm_count(), read_TBps=read_tbps, copy_TBps=copy_tbps,
-                  note="GPU time per call from the profiler; random kept blocks, 8B layer shapes")
-  write_json(args.out, "kernel_waves", meta, rows)
-  plot(rows, meta, os.path.join(args.out, "kernel_waves.png"))
+  finish(args.out, "kernel_waves", rows, (read_tbps, copy_tbps), plot)
 
 
 def plot(rows, meta, path):
