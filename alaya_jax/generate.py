@@ -102,9 +102,9 @@ def prefill_chunk(graphdef, state, tokens, start, cache: KVCache, query_index=No
 
 def kv_span_for(end: int, chunk: int, max_len: int) -> int:
     """The cache span a prefill chunk ending at position `end` attends over: the chunk size
-    times the power of two at or above end / chunk, at most max_len. Each span is a compile
-    of the chunk; over a prompt of n chunks there are ~log2(n) of them, and the chunks attend
-    to ~2/3 of what attending to the whole cache costs (1/2 + the rounding)."""
+    times the power of two at or above end / chunk, at most max_len: fewer than twice the
+    positions up to the chunk's end. Each span is a compile of the chunk; over a prompt of n
+    chunks there are ~log2(n) of them."""
     return min(max_len, chunk * (1 << max(0, math.ceil(math.log2(-(-end // chunk))))))
 
 
