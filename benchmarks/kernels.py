@@ -400,8 +400,8 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
     best = None
     for cfg in cfgs:
       r = timed("attention_pallas", attn("pallas", cfg), att_bytes,
-                blocks_per_program=cfg.blocks_per_program or
-                ga.default_blocks_per_program(cap, b * K),
+                blocks_per_program=cfg.blocks_per_program or (
+                    "balanced" if cfg.balanced else ga.default_blocks_per_program(cap, b * K)),
                 steps_in_flight=cfg.steps_in_flight, blocks_per_step=cfg.blocks_per_step)
       if "ms" in r and (best is None or r["ms"] < best[0]):
         best = (r["ms"], cfg)
