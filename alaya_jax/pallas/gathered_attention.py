@@ -87,6 +87,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,7 @@ import numpy as np
 from jax import lax
 
 from alaya_jax.errors import ConfigError, ShapeError
-from alaya_jax.pallas import _mgpu
+from alaya_jax.pallas import _mgpu, split_merge
 from alaya_jax.pallas._mgpu import EMPTY_LSE, MASK_VALUE
 
 _LOG2E = math.log2(math.e)
@@ -122,12 +123,16 @@ class GatheredAttentionConfig:
     capacity per head, balanced=False, leaves the programs of such heads idle while the
     others run). Not for the in-kernel selection, whose programs scan fixed ranges.
   programs: the balanced split's target count of programs (default: one wave, 2 an SM).
+  split_merge: "kernel" merges the splits' partials in a Mosaic GPU kernel
+    (`split_merge.merge_partials`; where `merge_width` allows, else XLA), "xla" in one XLA
+    reduction (`merge_splits`).
   """
   blocks_per_program: int | None = None
   steps_in_flight: int = 4
   blocks_per_step: int = 1
   balanced: bool = True
   programs: int | None = None
+  split_merge: str = "kernel"
 
   def __post_init__(self):
     b = self.blocks_per_program
@@ -137,6 +142,8 @@ class GatheredAttentionConfig:
       raise ConfigError(f"blocks_per_step must be 1 or 2, got {self.blocks_per_step}")
     if not 1 <= self.steps_in_flight <= 16:
       raise ConfigError(f"steps_in_flight must be in [1, 16], got {self.steps_in_flight}")
+    if self.split_merge not in ("kernel", "xla"):
+      raise ConfigError(f"split_merge must be 'kernel' or 'xla', got {self.split_merge!r}")
     if self.programs is not None and self.programs < 1:
       raise ConfigError(f"programs must be positive, got {self.programs}")
 
@@ -345,7 +352,7 @@ def _attention_kernel(
     k_gmem,      # [B*K*N*P, D]
     *rest,
     splits, g, n, cap, chunk, p, d, dtype, q_rows, per_step, k_transforms, v_transforms,
-    steps_in_flight, interpret, max_only=False, scan=False, balance=None):
+    steps_in_flight, interpret, max_only=False, scan=False, balance=None, lb_width=None):
   """One program: kv head bk = pid // splits, kept entries [s*chunk, (s+1)*chunk); or, with
   `balance` (a `_Balance`), the program's share of the balanced split (`_balanced_share`),
   its outputs at row bk * splits + s.
@@ -356,6 +363,7 @@ def _attention_kernel(
     lse_gmem    [BK*splits, R] f32     natural-log partial lse: R = G (the group's rows) when
                                        G % 4 == 0, else R = 64 (rows (bk*G)%8 + [0, G) used)
     n_gmem      [BK*splits, R] f32     keys attended (valid and >= threshold), same rows
+    (lb_width: lb_gmem [BK*splits, G, lb_width] f32, the lse broadcast for `split_merge`)
     (balance: nsplit_gmem [BK, 4] int32)
     then the scratch: q_smem, thr_smem, ids_smem, cnt_smem, bars.
   rest (max_only: a scores-only pass that reads the keys and not the values):
@@ -374,6 +382,8 @@ def _attention_kernel(
 
   if scan:  # kept_gmem holds the margins [B*K*cap] f32 (interleaved, see _launch), cnt_gmem cuts
     *rest, marg_smem, tri_smem, sel_cnt_smem = rest
+  if lb_width is not None:  # an output after n_gmem: the lse broadcast over lb_width columns
+    lb_gmem, rest = rest[4], rest[:4] + rest[5:]
   if balance is not None:  # one more output after the others: nsplit [BK, 4] int32, the
     # programs of each kv head (its rows past them are not written)
     at = 1 if max_only else 4  # (the max, or v_gmem and three outputs)
@@ -572,18 +582,25 @@ def _attention_kernel(
   o = acc / lax.broadcast_in_dim(l_safe, (_ROWS, d), [0])
   lse = jnp.where(empty, EMPTY_LSE, m * _LN2 + jnp.log(l_safe))
 
-  def store(o_smem, lse_smem, n_smem):
+  win = pl.ds(bk * g - q_start, g)
+
+  def store(o_smem, lse_smem, n_smem, *lb_smem):
     o_smem[...] = o
     lse_smem[...] = lse
     n_smem[...] = c
+    if lb_width is not None:
+      lb_smem[0][...] = lax.broadcast_in_dim(lse, lb_smem[0].shape, [0])
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(bk * g - q_start, g)], o_gmem.at[slot])
+    plgpu.copy_smem_to_gmem(o_smem.at[win], o_gmem.at[slot])
     plgpu.copy_smem_to_gmem(group_rows(lse_smem), lse_gmem.at[slot])
     plgpu.copy_smem_to_gmem(group_rows(n_smem), n_gmem.at[slot])
+    if lb_width is not None:
+      plgpu.copy_smem_to_gmem(lb_smem[0].at[win], lb_gmem.at[slot])
     plgpu.wait_smem_to_gmem(0)
 
   _stores(store, [plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32),
-                  plgpu.SMEM((_ROWS,), jnp.float32)])
+                  plgpu.SMEM((_ROWS,), jnp.float32)]
+          + ([] if lb_width is None else [plgpu.SMEM((_ROWS, lb_width), jnp.float32)]))
 
 
 #: The longest range of blocks one program scans in `select_attention` (its default).
@@ -721,6 +738,8 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   if not scan and config.balanced and config.blocks_per_program is None:
     balance, splits, programs, window = _balance_layout(cap, bk, per_step, config)
     cnt_len = -(-bk // 4) * 4
+  lb_width = (split_merge.merge_width(g, d, splits)
+              if not max_only and config.split_merge == "kernel" else None)
   flat = dict(q=q.astype(dtype).reshape(b * h, d), thr=threshold.astype(jnp.float32).reshape(-1),
               kept=kept.reshape(-1),
               cnt=kept_count.astype(jnp.float32 if scan else jnp.int32).reshape(-1),
@@ -748,12 +767,14 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       _attention_kernel, splits=splits, g=g, n=n, cap=cap, chunk=chunk, p=p, d=d, dtype=dtype,
       q_rows=q_rows, per_step=per_step, k_transforms=qk_t, v_transforms=v_t,
       steps_in_flight=config.steps_in_flight, interpret=interpret, max_only=max_only,
-      scan=scan, balance=balance)
+      scan=scan, balance=balance, lb_width=lb_width)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
   slots = bk * splits  # output rows: program (kv head, split) writes row kv head * splits + split
   rows_sds = jax.ShapeDtypeStruct((slots, g if g % 4 == 0 else _ROWS), jnp.float32)
   out_type = ((rows_sds,) if max_only else
               (jax.ShapeDtypeStruct((slots, g, d), jnp.float32), rows_sds, rows_sds))
+  if lb_width is not None:
+    out_type = out_type + (jax.ShapeDtypeStruct((slots, g, lb_width), jnp.float32),)
   if balance is not None:
     out_type = out_type + (jax.ShapeDtypeStruct((bk, 4), jnp.int32),)
   inputs = [flat["q"], flat["thr"], flat["kept"], flat["cnt"], flat["blen"], keys.reshape(-1, d)]
@@ -786,24 +807,48 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       x.reshape(bk, splits, _ROWS), rows, axis=2)).reshape(b, k, splits, g)
   if balance is None:
     valid = lambda x, empty: x
+    count = jnp.full((bk,), splits, jnp.int32)
   else:  # rows past a head's programs were never written
     *out, nsplit = out
+    count = nsplit[:, 0]
     live = (jnp.arange(splits)[None, :] < nsplit[:, :1]).reshape(b, k, splits, 1)
     valid = lambda x, empty: jnp.where(live.reshape(live.shape + (1,) * (x.ndim - 4)), x, empty)
   if max_only:
     return valid(pick(out[0]), MASK_VALUE)
+  if lb_width is not None:  # the merge kernel's inputs (it masks the rows past count itself)
+    o_part, _, n_part, lb_part = out
+    return _Partials(o_part.reshape(bk, splits, g, d), lb_part.reshape(bk, splits, g, lb_width),
+                     count, valid(pick(n_part), 0.0))
   o_part, lse_part, n_part = out
   return (valid(o_part.reshape(b, k, splits, g, d), 0.0), valid(pick(lse_part), EMPTY_LSE),
           valid(pick(n_part), 0.0))
+
+
+class _Partials(NamedTuple):
+  """`_launch`'s output for `split_merge.merge_partials`; n_part as in the XLA merge's."""
+  o_part: jax.Array   # [BK, S, G, D]
+  lb_part: jax.Array  # [BK, S, G, W]
+  count: jax.Array    # [BK] int32
+  n_part: jax.Array   # [B, K, S, G]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "with_counts", "scan"))
 def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
                              remainder, *, config: GatheredAttentionConfig, interpret: bool,
                              with_counts: bool = False, scan: bool = False):
-  o_part, lse_part, n_part = _launch(q, keys, values, block_len, kept, kept_count, threshold,
-                                     config=config, interpret=interpret, scan=scan)
-  o, lse = merge_splits(o_part, lse_part, remainder)
+  parts = _launch(q, keys, values, block_len, kept, kept_count, threshold, config=config,
+                  interpret=interpret, scan=scan)
+  if isinstance(parts, _Partials):
+    b, h = threshold.shape
+    o, lse = split_merge.merge_partials(parts.o_part, parts.lb_part, parts.count, impl="pallas",
+                                        interpret=interpret)
+    o, lse = o.reshape(b, h, -1), lse.reshape(b, h)
+    if remainder is not None:
+      o, lse = merge_remainder(lse, jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0), o, remainder)
+    n_part = parts.n_part
+  else:
+    o_part, lse_part, n_part = parts
+    o, lse = merge_splits(o_part, lse_part, remainder)
   if not with_counts:
     return o, lse
   b, h = threshold.shape
