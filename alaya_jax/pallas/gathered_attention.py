@@ -807,10 +807,10 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       x.reshape(bk, splits, _ROWS), rows, axis=2)).reshape(b, k, splits, g)
   if balance is None:
     valid = lambda x, empty: x
-    count = jnp.full((bk,), splits, jnp.int32)
+    count = jnp.full((bk, 4), splits, jnp.int32)  # (a constant)
   else:  # rows past a head's programs were never written
     *out, nsplit = out
-    count = nsplit[:, 0]
+    count = nsplit  # its first column
     live = (jnp.arange(splits)[None, :] < nsplit[:, :1]).reshape(b, k, splits, 1)
     valid = lambda x, empty: jnp.where(live.reshape(live.shape + (1,) * (x.ndim - 4)), x, empty)
   if max_only:
@@ -828,7 +828,7 @@ class _Partials(NamedTuple):
   """`_launch`'s output for `split_merge.merge_partials`; n_part as in the XLA merge's."""
   o_part: jax.Array   # [BK, S, G, D]
   lb_part: jax.Array  # [BK, S, G, W]
-  count: jax.Array    # [BK] int32
+  count: jax.Array    # [BK, 4] int32, the count in the first column
   n_part: jax.Array   # [B, K, S, G]
 
 
@@ -840,8 +840,8 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
                   interpret=interpret, scan=scan)
   if isinstance(parts, _Partials):
     b, h = threshold.shape
-    o, lse = split_merge.merge_partials(parts.o_part, parts.lb_part, parts.count, impl="pallas",
-                                        interpret=interpret)
+    o, lse = split_merge.merge_partials_rows(parts.o_part, parts.lb_part, parts.count,
+                                             interpret=interpret)
     o, lse = o.reshape(b, h, -1), lse.reshape(b, h)
     if remainder is not None:
       o, lse = merge_remainder(lse, jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0), o, remainder)

@@ -90,7 +90,15 @@ def merge_partials(o_part, lb_part, count, *, impl: str | None = None,
   if impl == "xla":
     return merge_partials_reference(o_part, lb_part, count)
   _check_width(o_part, lb_part)
-  return _merge_partials_mgpu(o_part, lb_part, count, interpret=interpret)
+  rows = jnp.broadcast_to(count.astype(jnp.int32)[:, None], (count.shape[0], 4))
+  return merge_partials_rows(o_part, lb_part, rows, interpret=interpret)
+
+
+def merge_partials_rows(o_part, lb_part, count_rows, *, interpret: bool = False):
+  """`merge_partials` (Mosaic GPU, no dispatch) with the counts as rows [BK, 4] int32 whose
+  first column is the count: the attention kernel's balanced split writes them so, and
+  slicing the column out would be a kernel of its own (~1 us on an H200)."""
+  return _merge_partials_mgpu(o_part, lb_part, count_rows, interpret=interpret)
 
 
 def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c_smem, bars,
@@ -106,11 +114,10 @@ def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c
   cols = pl.ds(pl.multiple_of(col * w, w), w)
   plgpu.copy_gmem_to_smem(o_gmem.at[rows, :, cols], o_smem.at[pl.ds(0, s)], bars.at[0])
   plgpu.copy_gmem_to_smem(lb_gmem.at[rows], l_smem.at[pl.ds(0, s)], bars.at[1])
-  plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(pl.multiple_of(lax.div(head, 4) * 4, 4), 4)],
-                          c_smem, bars.at[2])
+  plgpu.copy_gmem_to_smem(cnt_gmem.at[head], c_smem, bars.at[2])
   for i in range(3):
     plgpu.barrier_wait(bars.at[i])
-  count = c_smem[lax.rem(head, 4)]
+  count = c_smem[0]
 
   strided = None if interpret else plgpu.Layout.WG_STRIDED((g, w), vec_size=vec)
   full = lambda v: _mgpu.layout_cast(jnp.full((g, w), v, jnp.float32), strided, interpret)
@@ -151,16 +158,13 @@ def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def _merge_partials_mgpu(o_part, lb_part, count, *, interpret: bool):
+def _merge_partials_mgpu(o_part, lb_part, count_rows, *, interpret: bool):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   bk, s, g, d = o_part.shape
   w = lb_part.shape[3]
   vec = next(v for v in (4, 2, 1) if (g * w) % (128 * v) == 0 and w % v == 0)
   col_chunks = d // w
-  cnt = count.astype(jnp.int32)
-  cnt_len = -(-bk // 4) * 4 + (4 if interpret else 0)  # whole 16-byte windows
-  cnt = jnp.pad(cnt, (0, cnt_len - bk))
   body = functools.partial(_merge_kernel, s=s, g=g, w=w, col_chunks=col_chunks, vec=vec,
                            interpret=interpret)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
@@ -177,5 +181,5 @@ def _merge_partials_mgpu(o_part, lb_part, count, *, interpret: bool):
                      plgpu.Barrier(num_barriers=3)],
       **kw,
   )(o_part.astype(jnp.float32).reshape(bk * s, g, d),
-    lb_part.astype(jnp.float32).reshape(bk * s, g, w), cnt)
+    lb_part.astype(jnp.float32).reshape(bk * s, g, w), count_rows.astype(jnp.int32))
   return o, lse_b[..., 0]
