@@ -49,14 +49,15 @@ def random_kept(rng, cap: int):
 
 def timed(f, args):
   """(GPU us per call of the attention kernel alone, GPU us per call of everything,
-  {name: GPU us per call} of the other kernels)."""
+  {name: GPU us per call} of the other kernels, the split merge's among them)."""
   jax.block_until_ready(f(*args))
   ev = kernel_events(f, *args)
-  kern = sum(t for n, t in ev if "alaya" in n) / REPS
+  attn = lambda n: any(k in n for k in ("alaya_gathered", "alaya_select", "alaya_kept"))
+  kern = sum(t for n, t in ev if attn(n)) / REPS
   tot = sum(t for _, t in ev) / REPS
   rest = {}
   for n, t in ev:
-    if "alaya" not in n:
+    if not attn(n):  # the merge kernel (alaya_split_merge) among them
       rest[n[:60]] = rest.get(n[:60], 0.0) + t * 1e6 / REPS
   return kern * 1e6, tot * 1e6, {n: round(t, 2) for n, t in rest.items()}
 
