@@ -16,7 +16,8 @@ INTERPRET = jax.default_backend() != "gpu"
 def partials(bk, s, g, d, count, seed=0, keys_per_split=5):
   """Per (head, query row): keys split into s chunks; partial j = softmax attention over
   chunk j alone (o_j normalized, lse_j), chunks at or past count[head] left out of the whole
-  row's softmax (whole = (o, lse) over the counted chunks, in float64) and filled with NaN."""
+  row's softmax (whole = (o, lse) over the counted chunks, in float64; none counted: o 0,
+  lse EMPTY_LSE) and filled with NaN."""
   rng = np.random.default_rng(seed)
   sc = rng.standard_normal((bk, s, g, keys_per_split)) * 3
   sc[0, 1] = -60.0  # a split whose keys carry almost no mass
@@ -29,8 +30,10 @@ def partials(bk, s, g, d, count, seed=0, keys_per_split=5):
   m = np.max(np.where(live[..., None, None], sc, -np.inf), axis=(1, 3))  # [bk, g]
   ew = np.where(live[..., None, None], np.exp(sc - m[:, None, :, None]), 0.0)
   whole_l = ew.sum(axis=(1, 3))
-  whole_o = np.einsum("bsgk,bskd->bgd", ew, v) / whole_l[..., None]
-  whole_lse = m + np.log(whole_l)
+  some = whole_l > 0  # a head with no counted partial: o 0, lse EMPTY_LSE
+  safe_l = np.where(some, whole_l, 1.0)
+  whole_o = np.einsum("bsgk,bskd->bgd", np.nan_to_num(ew), v) / safe_l[..., None]
+  whole_lse = np.where(some, np.where(some, m, 0.0) + np.log(safe_l), EMPTY_LSE)
   o_part[~live] = np.nan
   lse_part[~live] = np.nan
   return o_part, lse_part, (whole_o, whole_lse)
@@ -69,7 +72,7 @@ def test_empty_partials_merge_to_empty():
 
 
 @pytest.mark.parametrize("g,d,s,count", [
-    (4, 128, 9, [9, 1, 6, 3, 9]),   # W 32: 4 programs a head; counts all, 1, ragged
+    (4, 128, 9, [9, 1, 6, 0, 9]),   # W 32: 4 programs a head; counts all, 1, ragged, none
     (3, 128, 5, [2, 5, 4]),          # W 128, 3 values a thread; count 2 of 5
 ])
 def test_kernel_matches_reference(g, d, s, count):

@@ -59,9 +59,10 @@ def merge_partials_reference(o_part, lb_part, count):
   valid = (jnp.arange(s)[None, :] < count[:, None])[..., None]      # [BK, S, 1]
   lse = jnp.where(valid, lb_part[..., 0], EMPTY_LSE)                 # [BK, S, G]
   o = jnp.where(valid[..., None], o_part, 0.0)
-  m = jnp.max(lse, axis=1)                                           # [BK, G]
+  m = jnp.max(lse, axis=1, initial=EMPTY_LSE)                        # [BK, G]
   w = jnp.exp(lse - m[:, None])
   l = jnp.sum(w, axis=1)
+  l = jnp.where(l > 0, l, 1.0)  # S = 0
   return jnp.sum(w[..., None] * o, axis=1) / l[..., None], m + jnp.log(l)
 
 
@@ -149,6 +150,7 @@ def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c
   ls, xs = lax.fori_loop(0, steps, sum_step,
                          ((full(0.0),) * _UNROLL, (full(0.0),) * _UNROLL))
   l = functools.reduce(jnp.add, ls)
+  l = jnp.where(l > 0.0, l, full(1.0))  # count 0 (no partial): o = 0, lse = EMPTY_LSE
   x = functools.reduce(jnp.add, xs)
   of_gmem.at[head, :, cols][...] = x / l  # an all-empty head: 0 / count = 0
 
