@@ -15,43 +15,26 @@ in the same run. Writes kernel_balance.json and kernel_balance.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
-from kernel_waves import (B, D, K, P, bandwidth, finish, random_kept, setup,  # noqa: E402
-                          time_config)
+from kernel_waves import K, count_cases, finish, parse_caps, setup, timed_row  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--caps", type=int, nargs="*", default=[656, 2048],
-                  help="capacity: kept blocks per kv head at most")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  args = ap.parse_args()
+  args = parse_caps([656, 2048])
   layer, qs, (read_tbps, copy_tbps) = setup("kernel_balance.py")
-  rng = np.random.default_rng(0)
   rows = []
-  for cap in args.caps:
-    kept, full = random_kept(rng, cap)
-    ragged = jnp.asarray(np.round(cap * rng.uniform(0.5, 1.0, (B, K))).astype(np.int32))
-    for counts_name, cnt in (("full", full), ("ragged", ragged)):
-      mb = int(cnt.sum()) * P * D * 2 * 2 / 1e6
-      static = ga.GatheredAttentionConfig(blocks_per_program=ga.default_blocks_per_program(cap, K))
-      for split, cfg in (("static", static), ("balanced", ga.GatheredAttentionConfig())):
-        kern_us, call_us, rest = time_config(cfg, layer, qs, kept, cnt)
-        r = dict(cap=cap, counts=counts_name, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
-                 split=split, **bandwidth(mb, kern_us, call_us, copy_tbps),
-                 other_kernels_us=rest)
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+  for cap, counts_name, kept, cnt, mb in count_cases(np.random.default_rng(0), args.caps):
+    static = ga.GatheredAttentionConfig(blocks_per_program=ga.default_blocks_per_program(cap, K))
+    for split, cfg in (("static", static), ("balanced", ga.GatheredAttentionConfig())):
+      rows.append(timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap,
+                            counts=counts_name, split=split))
   finish(args.out, "kernel_balance", rows, (read_tbps, copy_tbps), plot)
 
 

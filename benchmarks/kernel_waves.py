@@ -84,6 +84,25 @@ def time_config(cfg, layer, qs, kept, cnt):
   return timed(f, (qs, kept, cnt))
 
 
+def count_cases(rng, caps):
+  """(cap, counts name, kept, kept_count, MB of kept K+V) for each capacity: counts all at the
+  capacity ("full") or each kv head keeping a uniformly random 50-100% of it ("ragged")."""
+  for cap in caps:
+    kept, full = random_kept(rng, cap)
+    ragged = jnp.asarray(np.round(cap * rng.uniform(0.5, 1.0, (B, K))).astype(np.int32))
+    for name, cnt in (("full", full), ("ragged", ragged)):
+      yield cap, name, kept, cnt, int(cnt.sum()) * P * D * 2 * 2 / 1e6
+
+
+def timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, **fields) -> dict:
+  """`time_config` as a printed row: fields, the bandwidth figures, the other kernels."""
+  kern_us, call_us, rest = time_config(cfg, layer, qs, kept, cnt)
+  r = dict(fields, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
+           **bandwidth(mb, kern_us, call_us, copy_tbps), other_kernels_us=rest)
+  print(json.dumps(r), flush=True)
+  return r
+
+
 def finish(out: str, name: str, rows, rooflines, plot_fn):
   """Writes out/name.json (rows with the run's metadata and rooflines) and out/name.png."""
   meta = run_meta(sms=ga._sm_count(), read_TBps=rooflines[0], copy_TBps=rooflines[1],
@@ -100,12 +119,17 @@ def bandwidth(mb: float, kern_us: float, call_us: float, copy_tbps: float) -> di
               call_vs_copy=round(mb / call_us / copy_tbps, 3))
 
 
-def main():
+def parse_caps(default):
+  """--caps (kept blocks per kv head, at most: the capacity) and --out."""
   ap = argparse.ArgumentParser()
-  ap.add_argument("--caps", type=int, nargs="*", default=[328, 656, 2048],
-                  help="kept blocks per kv head")
+  ap.add_argument("--caps", type=int, nargs="*", default=default,
+                  help="capacity: kept blocks per kv head (at most)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  args = ap.parse_args()
+  return ap.parse_args()
+
+
+def main():
+  args = parse_caps([328, 656, 2048])
   layer, qs, (read_tbps, copy_tbps) = setup("kernel_waves.py")
   rng = np.random.default_rng(0)
   rows = []

@@ -15,8 +15,6 @@ Writes merge_kernel.json and merge_kernel.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -27,8 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
-from kernel_waves import (B, D, K, P, bandwidth, finish, random_kept, setup,  # noqa: E402
-                          time_config)
+from kernel_waves import count_cases, finish, parse_caps, setup, timed_row  # noqa: E402
 
 
 def max_abs_diff(cfg, want, layer, q, kept, cnt):
@@ -39,30 +36,18 @@ def max_abs_diff(cfg, want, layer, q, kept, cnt):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--caps", type=int, nargs="*", default=[656, 2048],
-                  help="capacity: kept blocks per kv head at most")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  args = ap.parse_args()
+  args = parse_caps([656, 2048])
   layer, qs, (read_tbps, copy_tbps) = setup("merge_kernel.py")
   keys, vals, blen, thr = layer
-  rng = np.random.default_rng(0)
   rows = []
-  for cap in args.caps:
-    kept, full = random_kept(rng, cap)
-    ragged = jnp.asarray(np.round(cap * rng.uniform(0.5, 1.0, (B, K))).astype(np.int32))
-    for counts_name, cnt in (("full", full), ("ragged", ragged)):
-      mb = int(cnt.sum()) * P * D * 2 * 2 / 1e6
-      xla = ga.GatheredAttentionConfig(split_merge="xla")
-      want = ga.gathered_attention(qs[0], keys, vals, blen, kept, cnt, thr, config=xla)
-      for merge in ("xla", "kernel"):
-        cfg = ga.GatheredAttentionConfig(split_merge=merge)
-        kern_us, call_us, rest = time_config(cfg, layer, qs, kept, cnt)
-        r = dict(cap=cap, counts=counts_name, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
-                 split_merge=merge, max_abs_diff=max_abs_diff(cfg, want, layer, qs[0], kept, cnt),
-                 **bandwidth(mb, kern_us, call_us, copy_tbps), other_kernels_us=rest)
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+  for cap, counts_name, kept, cnt, mb in count_cases(np.random.default_rng(0), args.caps):
+    xla = ga.GatheredAttentionConfig(split_merge="xla")
+    want = ga.gathered_attention(qs[0], keys, vals, blen, kept, cnt, thr, config=xla)
+    for merge in ("xla", "kernel"):
+      cfg = ga.GatheredAttentionConfig(split_merge=merge)
+      rows.append(timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap,
+                            counts=counts_name, split_merge=merge,
+                            max_abs_diff=max_abs_diff(cfg, want, layer, qs[0], kept, cnt)))
   finish(args.out, "merge_kernel", rows, (read_tbps, copy_tbps), plot)
 
 
