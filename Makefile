@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/python examples/long_document_qa.py
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache
