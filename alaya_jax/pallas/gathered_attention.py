@@ -677,11 +677,15 @@ def merge_splits(o_part, lse_part, remainder):
   lse_b = jnp.broadcast_to(lse_part.astype(jnp.float32)[..., None], o_part.shape)
   init = (jnp.float32(EMPTY_LSE), jnp.float32(0.0))
   lse, o = lax.reduce((lse_b, o_part.astype(jnp.float32)), init, _merge_pair, (2,))
-  lse, o = lse[..., 0].reshape(b, k * g), o.reshape(b, k * g, d)
+  return with_remainder(o.reshape(b, k * g, d), lse[..., 0].reshape(b, k * g), remainder)
+
+
+def with_remainder(o, lse, remainder):
+  """Normalized (o, lse) with the remainder's mass merged in (`merge_remainder`), or as they
+  are when remainder is None."""
   if remainder is None:
     return o, lse
-  l = jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0)
-  return merge_remainder(lse, l, o, remainder)
+  return merge_remainder(lse, jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0), o, remainder)
 
 
 def _ranges(entries: int, bk: int, config: GatheredAttentionConfig, scan: bool):
@@ -845,9 +849,7 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
     b, h = threshold.shape
     o, lse = split_merge.merge_partials_rows(parts.o_part, parts.lb_part, parts.count,
                                              interpret=interpret)
-    o, lse = o.reshape(b, h, -1), lse.reshape(b, h)
-    if remainder is not None:
-      o, lse = merge_remainder(lse, jnp.where(lse <= EMPTY_LSE / 2, 0.0, 1.0), o, remainder)
+    o, lse = with_remainder(o.reshape(b, h, -1), lse.reshape(b, h), remainder)
     n_part = parts.n_part
   else:
     o_part, lse_part, n_part = parts
