@@ -7,11 +7,12 @@ writes a normalized partial (o and its lse). Merging them:
     lb_part  [BK, S, G, W] f32   their lse, broadcast over W columns (W from `merge_width`)
     count    [BK] int32          partials of each kv head: rows s >= count are ignored
                                  (never written, they may hold anything, NaN included)
-    ->  o [BK, G, D] f32, lse [BK, G] f32  (an all-empty head: o = 0, lse = EMPTY_LSE)
+    ->  o [BK, G, D] f32, lse [BK, G] f32  (an all-empty head, or count 0: o = 0,
+                                            lse = EMPTY_LSE)
 
 Why a kernel: XLA reduces over the splits with one serial chain per output element, each step
 a load from L2 whose latency is the cost (4.7 us for 33 partials of 8 kv heads x 4 x 128 on an
-H200, benchmarks/kernel_balance.py). Here each program (a kv head x W of the D columns) loads
+H200, benchmarks/merge_kernel.py). Here each program (a kv head x W of the D columns) loads
 all its partials in one TMA copy, then merges them out of shared memory in two passes (the max,
 then the weights), four partials at a time, and stores o straight from registers.
 
