@@ -843,10 +843,10 @@ class _Partials(NamedTuple):
 def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, threshold,
                              remainder, *, config: GatheredAttentionConfig, interpret: bool,
                              with_counts: bool = False, scan: bool = False):
+  b, h = threshold.shape
   parts = _launch(q, keys, values, block_len, kept, kept_count, threshold, config=config,
                   interpret=interpret, scan=scan)
   if isinstance(parts, _Partials):
-    b, h = threshold.shape
     o, lse = split_merge.merge_partials_rows(parts.o_part, parts.lb_part, parts.count,
                                              interpret=interpret)
     o, lse = with_remainder(o.reshape(b, h, -1), lse.reshape(b, h), remainder)
@@ -856,7 +856,6 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
     o, lse = merge_splits(o_part, lse_part, remainder)
   if not with_counts:
     return o, lse
-  b, h = threshold.shape
   return o, lse, jnp.round(n_part.sum(axis=2)).astype(jnp.int32).reshape(b, h)
 
 
