@@ -30,7 +30,8 @@ def main():
   args = parse_caps([656, 2048])
   layer, qs, (read_tbps, copy_tbps) = setup("kernel_balance.py")
   rows = []
-  for cap, counts_name, kept, cnt, mb in count_cases(np.random.default_rng(0), args.caps):
+  rng = np.random.default_rng(0)
+  for cap, counts_name, kept, cnt, mb in count_cases(rng, args.caps, args.counts):
     static = ga.GatheredAttentionConfig(blocks_per_program=ga.default_blocks_per_program(cap, K))
     for split, cfg in (("static", static), ("balanced", ga.GatheredAttentionConfig())):
       rows.append(timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap,

@@ -84,14 +84,16 @@ def time_config(cfg, layer, qs, kept, cnt):
   return timed(f, (qs, kept, cnt))
 
 
-def count_cases(rng, caps):
+def count_cases(rng, caps, names=("full", "ragged")):
   """(cap, counts name, kept, kept_count, MB of kept K+V) for each capacity: counts all at the
-  capacity ("full") or each kv head keeping a uniformly random 50-100% of it ("ragged")."""
+  capacity ("full") or each kv head keeping a uniformly random 50-100% of it ("ragged"); only
+  the cases in `names` (the same random draws whichever are asked for)."""
   for cap in caps:
     kept, full = random_kept(rng, cap)
     ragged = jnp.asarray(np.round(cap * rng.uniform(0.5, 1.0, (B, K))).astype(np.int32))
     for name, cnt in (("full", full), ("ragged", ragged)):
-      yield cap, name, kept, cnt, int(cnt.sum()) * P * D * 2 * 2 / 1e6
+      if name in names:
+        yield cap, name, kept, cnt, int(cnt.sum()) * P * D * 2 * 2 / 1e6
 
 
 def timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, **fields) -> dict:
@@ -124,6 +126,8 @@ def parse_caps(default):
   ap = argparse.ArgumentParser()
   ap.add_argument("--caps", type=int, nargs="*", default=default,
                   help="capacity: kept blocks per kv head (at most)")
+  ap.add_argument("--counts", nargs="*", default=["full", "ragged"], choices=["full", "ragged"],
+                  help="kept counts: all at the capacity, or a random 50-100%% of it")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   return ap.parse_args()
 

@@ -40,7 +40,8 @@ def main():
   layer, qs, (read_tbps, copy_tbps) = setup("merge_kernel.py")
   keys, vals, blen, thr = layer
   rows = []
-  for cap, counts_name, kept, cnt, mb in count_cases(np.random.default_rng(0), args.caps):
+  rng = np.random.default_rng(0)
+  for cap, counts_name, kept, cnt, mb in count_cases(rng, args.caps, args.counts):
     xla = ga.GatheredAttentionConfig(split_merge="xla")
     want = ga.gathered_attention(qs[0], keys, vals, blen, kept, cnt, thr, config=xla)
     for merge in ("xla", "kernel"):

@@ -363,9 +363,10 @@ def _attention_kernel(
     v_gmem      [B*K*N*P, D]
     o_gmem      [BK*splits, G, D] f32  normalized partial outputs
     lse_gmem    [BK*splits, R] f32     natural-log partial lse: R = G (the group's rows) when
-                                       G % 4 == 0, else R = 64 (rows (bk*G)%8 + [0, G) used)
+                                       G % 4 == 0, else R = 64 (rows (bk*G)%8 + [0, G) used);
+                                       with lb_width, [BK*splits, G, lb_width] instead: the
+                                       lse broadcast over lb_width columns for `split_merge`
     n_gmem      [BK*splits, R] f32     keys attended (valid and >= threshold), same rows
-    (lb_width: lb_gmem [BK*splits, G, lb_width] f32, the lse broadcast for `split_merge`)
     (balance: nsplit_gmem [BK, 4] int32)
     then the scratch: q_smem, thr_smem, ids_smem, cnt_smem, bars.
   rest (max_only: a scores-only pass that reads the keys and not the values):
@@ -384,8 +385,6 @@ def _attention_kernel(
 
   if scan:  # kept_gmem holds the margins [B*K*cap] f32 (interleaved, see _launch), cnt_gmem cuts
     *rest, marg_smem, tri_smem, sel_cnt_smem = rest
-  if lb_width is not None:  # an output after n_gmem: the lse broadcast over lb_width columns
-    lb_gmem, rest = rest[4], rest[:4] + rest[5:]
   if balance is not None:  # one more output after the others: nsplit [BK, 4] int32, the
     # programs of each kv head (its rows past them are not written)
     at = 1 if max_only else 4  # (the max, or v_gmem and three outputs)
@@ -586,23 +585,23 @@ def _attention_kernel(
 
   win = pl.ds(bk * g - q_start, g)
 
-  def store(o_smem, lse_smem, n_smem, *lb_smem):
+  def store(o_smem, lse_smem, n_smem):
     o_smem[...] = o
-    lse_smem[...] = lse
     n_smem[...] = c
-    if lb_width is not None:
-      lb_smem[0][...] = lax.broadcast_in_dim(lse, lb_smem[0].shape, [0])
+    if lb_width is None:
+      lse_smem[...] = lse
+    else:
+      lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[win], o_gmem.at[slot])
-    plgpu.copy_smem_to_gmem(group_rows(lse_smem), lse_gmem.at[slot])
+    plgpu.copy_smem_to_gmem(group_rows(lse_smem) if lb_width is None else lse_smem.at[win],
+                            lse_gmem.at[slot])
     plgpu.copy_smem_to_gmem(group_rows(n_smem), n_gmem.at[slot])
-    if lb_width is not None:
-      plgpu.copy_smem_to_gmem(lb_smem[0].at[win], lb_gmem.at[slot])
     plgpu.wait_smem_to_gmem(0)
 
-  _stores(store, [plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM((_ROWS,), jnp.float32),
-                  plgpu.SMEM((_ROWS,), jnp.float32)]
-          + ([] if lb_width is None else [plgpu.SMEM((_ROWS, lb_width), jnp.float32)]))
+  lse_shape = (_ROWS,) if lb_width is None else (_ROWS, lb_width)
+  _stores(store, [plgpu.SMEM((_ROWS, d), jnp.float32), plgpu.SMEM(lse_shape, jnp.float32),
+                  plgpu.SMEM((_ROWS,), jnp.float32)])
 
 
 #: The longest range of blocks one program scans in `select_attention` (its default).
@@ -778,10 +777,10 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
   slots = bk * splits  # output rows: program (kv head, split) writes row kv head * splits + split
   rows_sds = jax.ShapeDtypeStruct((slots, g if g % 4 == 0 else _ROWS), jnp.float32)
+  lse_sds = (rows_sds if lb_width is None else
+             jax.ShapeDtypeStruct((slots, g, lb_width), jnp.float32))
   out_type = ((rows_sds,) if max_only else
-              (jax.ShapeDtypeStruct((slots, g, d), jnp.float32), rows_sds, rows_sds))
-  if lb_width is not None:
-    out_type = out_type + (jax.ShapeDtypeStruct((slots, g, lb_width), jnp.float32),)
+              (jax.ShapeDtypeStruct((slots, g, d), jnp.float32), lse_sds, rows_sds))
   if balance is not None:
     out_type = out_type + (jax.ShapeDtypeStruct((bk, 4), jnp.int32),)
   inputs = [flat["q"], flat["thr"], flat["kept"], flat["cnt"], flat["blen"], keys.reshape(-1, d)]
@@ -823,7 +822,7 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
   if max_only:
     return valid(pick(out[0]), MASK_VALUE)
   if lb_width is not None:  # the merge kernel's inputs (it masks the rows past count itself)
-    o_part, _, n_part, lb_part = out
+    o_part, lb_part, n_part = out
     return _Partials(o_part.reshape(bk, splits, g, d), lb_part.reshape(bk, splits, g, lb_width),
                      count, valid(pick(n_part), 0.0))
   o_part, lse_part, n_part = out

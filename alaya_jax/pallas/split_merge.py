@@ -16,8 +16,9 @@ H200, benchmarks/merge_kernel.py). Here each program (a kv head x W of the D col
 all its partials in one TMA copy, then merges them out of shared memory in two passes (the max,
 then the weights), four partials at a time, and stores o straight from registers.
 
-The lse comes broadcast over W columns because the merge runs elementwise in a strided layout
-(G*W/128 values a thread), which has no broadcast of a per-row value. Supported where G*W is a
+The partials' lse comes broadcast over W columns because the merge runs elementwise in a
+strided layout (G*W/128 values a thread), which has no broadcast of a per-row value (nor a
+column slice: the merged lse leaves through shared memory, one scalar a row). Supported where G*W is a
 multiple of 128 for some W dividing D (`merge_width`); elsewhere callers use the XLA merge.
 """
 from __future__ import annotations
@@ -103,8 +104,8 @@ def merge_partials_rows(o_part, lb_part, count_rows, *, interpret: bool = False)
   return _merge_partials_mgpu(o_part, lb_part, count_rows, interpret=interpret)
 
 
-def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c_smem, bars,
-                  *, s, g, w, col_chunks, vec, interpret):
+def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c_smem, t_smem,
+                  bars, *, s, g, w, col_chunks, vec, interpret):
   """Program pid: kv head pid // col_chunks, columns (pid % col_chunks) * W + [0, W)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -156,8 +157,11 @@ def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c
   of_gmem.at[head, :, cols][...] = x / l  # an all-empty head: 0 / count = 0
 
   @pl.when(col == 0)
-  def _():
-    lf_gmem.at[head][...] = m + jnp.log(l)  # all-empty: EMPTY_LSE + log(count) == EMPTY_LSE
+  def _():  # the lse, one value a row: the strided layout has no column slice, so the tile
+    # goes through shared memory and each row's first column is stored as a scalar
+    t_smem[...] = m + jnp.log(l)  # all-empty: EMPTY_LSE + log(count) == EMPTY_LSE
+    for r in range(g):
+      lf_gmem[head, r] = t_smem[r, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -171,18 +175,18 @@ def _merge_partials_mgpu(o_part, lb_part, count_rows, *, interpret: bool):
   body = functools.partial(_merge_kernel, s=s, g=g, w=w, col_chunks=col_chunks, vec=vec,
                            interpret=interpret)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
-  o, lse_b = plgpu.kernel(
+  return plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((bk, g, d), jnp.float32),
-                jax.ShapeDtypeStruct((bk, g, w), jnp.float32)),
+                jax.ShapeDtypeStruct((bk, g), jnp.float32)),
       grid=(bk * col_chunks,),
       grid_names=("p",),
       kernel_name="alaya_split_merge",
       scratch_types=[plgpu.SMEM((_padded(s), g, w), jnp.float32),
                      plgpu.SMEM((_padded(s), g, w), jnp.float32),
                      plgpu.SMEM((4,), jnp.int32),
+                     plgpu.SMEM((g, w), jnp.float32),
                      plgpu.Barrier(num_barriers=3)],
       **kw,
   )(o_part.astype(jnp.float32).reshape(bk * s, g, d),
     lb_part.astype(jnp.float32).reshape(bk * s, g, w), count_rows.astype(jnp.int32))
-  return o, lse_b[..., 0]
