@@ -79,8 +79,11 @@ def _gemm(spec, a, cache_part):
     in its own dtype with f32 accumulation on a split a = hi + lo (both rounded to that dtype:
     the cache's values are exact in it, so the products are exact up to lo's rounding, ~2^-16
     relative for bf16), one GEMM with hi and lo stacked on a's free axis; an f32 cache runs a
-    full-precision f32 GEMM."""
+    full-precision f32 GEMM. An `a` already in the 16-bit cache's dtype (a bf16 query against
+    a bf16 cache) is exact in it: one GEMM, no split (and no sum of the two after it)."""
     if cache_part.dtype in (jnp.bfloat16, jnp.float16):
+        if a.dtype == cache_part.dtype:
+            return jnp.einsum(spec, a[None], cache_part, preferred_element_type=jnp.float32)[0]
         a = a.astype(jnp.float32)
         hi = a.astype(cache_part.dtype)
         lo = (a - hi.astype(jnp.float32)).astype(cache_part.dtype)
@@ -101,8 +104,9 @@ def scaled_scores(q, k):
     B, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
-    if _plain_gemm():
-        return _gemm("xbch,bsc->xbhs", _block_diagonal(qg, K), k.reshape(B, S, K * D)) / math.sqrt(D)
+    if _plain_gemm():  # (a 16-bit q in the cache's dtype stays in it: exact, one GEMM)
+        qb = q.reshape(B, K, H // K, D) if q.dtype == k.dtype else qg
+        return _gemm("xbch,bsc->xbhs", _block_diagonal(qb, K), k.reshape(B, S, K * D)) / math.sqrt(D)
     s = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
     return s.reshape(B, H, S)
 

@@ -234,14 +234,16 @@ def _decode_loop_impl(static: _LoopStatic, state, loop, n_steps):
         if stateful:
             hidden, cache, attn_state, st = model(tok[:, None], cache.lengths[:, None], cache,
                                                   attention=attn, attn_state=lp["attn"])
-            live = (~lp["done"]).astype(jnp.float32)  # count steps of live sequences only
-            acc = lp["stats"]
-            extra = dict(attn=attn_state, stats=dict(
-                attended=acc["attended"] + st["attended"].sum(-1) * live,
-                read=acc["read"] + st["read"].sum(-1) * live,
-                context=acc["context"] + st["context"] * live,
-                truncated=acc["truncated"] + st["truncated"] * live.astype(jnp.int32),
-                steps=acc["steps"] + live))
+            extra = dict(attn=attn_state)
+            if "stats" in lp:  # else the stats' reductions are dead code (XLA drops them)
+                live = (~lp["done"]).astype(jnp.float32)  # count steps of live sequences only
+                acc = lp["stats"]
+                extra["stats"] = dict(
+                    attended=acc["attended"] + st["attended"].sum(-1) * live,
+                    read=acc["read"] + st["read"].sum(-1) * live,
+                    context=acc["context"] + st["context"] * live,
+                    truncated=acc["truncated"] + st["truncated"] * live.astype(jnp.int32),
+                    steps=acc["steps"] + live)
         else:
             hidden, cache = model(tok[:, None], cache.lengths[:, None], cache, attention=attn)
         cache = cache.replace(lengths=cache.lengths + jnp.where(lp["done"], 0, 1))
@@ -274,10 +276,13 @@ _decode_loop = jax.jit(_decode_loop_impl, static_argnums=(0,), donate_argnums=(2
 
 def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tokens: int, key, *,
                      sampling: Sampling = Sampling(), attention=None, stop_ids=(),
-                     queries: PrefillQueries | None = None):
+                     queries: PrefillQueries | None = None, attention_stats: bool = True):
     """(static, weights state, loop state) for `_decode_loop`: first [B] is the first token to
     feed. A stateful attention method builds its indexes over the cache here, calibrated on
-    the prefill's `queries` when it asks for them (`attention.calibration_queries`)."""
+    the prefill's `queries` when it asks for them (`attention.calibration_queries`).
+    attention_stats: accumulate the sparse method's per-layer statistics (keys attended and
+    read, truncation) in the loop; False leaves their reductions out of the step (several
+    small kernels a layer on a GPU)."""
     attention = attention or FullAttention()
     graphdef, state = nnx.split(model)
     horizon = attention.fold_horizon() if hasattr(attention, "fold_horizon") else 1 << 30
@@ -288,8 +293,9 @@ def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tok
                 done=jnp.zeros((B,), bool), key=key, step=jnp.int32(0),
                 max_new=jnp.int32(max_new_tokens))
     if hasattr(attention, "prepare"):  # build the indexes over the prefilled cache
-        L = model.cfg.n_layers
         loop["attn"] = attention.prepare(cache, model.cfg.n_heads, queries=queries)
+    if hasattr(attention, "prepare") and attention_stats:
+        L = model.cfg.n_layers
         loop["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
                              context=jnp.zeros((L, B)), truncated=jnp.zeros((L, B), jnp.int32),
                              steps=jnp.zeros((B,)))
@@ -326,12 +332,14 @@ def _as_prompts(tokenizer, prompt_or_messages) -> list[list[int]]:
 def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 64, *,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, attention=None,
              stream: Callable[[int, str], None] | bool | None = None, prefill_chunk_size: int = 512,
-             stop_at_eos: bool = True) -> GenerationResult:
+             stop_at_eos: bool = True, attention_stats: bool = True) -> GenerationResult:
     """Generates a continuation for one prompt or a batch of prompts.
 
     prompt_or_messages: a string, a list of chat messages ({"role", "content"} dicts, rendered
     with the model's chat template), a list of token ids, or a list of any of those (a batch).
     attention: the decode attention method (default `FullAttention()`).
+    attention_stats: a sparse method's statistics in `GenerationResult.attention_stats`;
+    False leaves them out of the decode step (a little faster; attention_stats is then None).
     stream: True prints the first sequence's text as it comes; a callable gets
     (sequence index, new text piece) for every sequence.
     """
@@ -369,7 +377,8 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
     t1 = time.perf_counter()
     gen, steps, stats = decode(model, tokenizer, cache, logits, max_new_tokens, sampling=sampling,
                                attention=attention, seed=seed, stream=stream,
-                               stop_at_eos=stop_at_eos, queries=queries)
+                               stop_at_eos=stop_at_eos, queries=queries,
+                               attention_stats=attention_stats)
     t2 = time.perf_counter()
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     return GenerationResult(texts=texts, tokens=gen, prompt_lengths=lengths.tolist(),
@@ -380,14 +389,14 @@ def generate(model: Llama, tokenizer, prompt_or_messages, max_new_tokens: int = 
 def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_tokens: int, *,
            sampling: Sampling = Sampling(), attention=None, seed: int = 0, stream=None,
            stop_at_eos: bool = True, queries: PrefillQueries | None = None,
-           ) -> tuple[list[list[int]], int, dict | None]:
+           attention_stats: bool = True) -> tuple[list[list[int]], int, dict | None]:
     """Decodes from a filled cache, given the logits at each sequence's last token [B, V].
 
     The cache needs room for max_new_tokens more positions. A stateful attention method
     (`alaya_jax.methods`) builds its indexes over the cache first, calibrated on `queries`
     (from `prefill(..., collect_queries=calibration_queries(attention))`) when it uses them.
     Returns (generated ids per sequence, stop token excluded; decode steps run; attention
-    stats or None).
+    stats, or None for full attention or attention_stats=False: see `init_decode_loop`).
     """
     attention = attention or FullAttention()
     B = logits.shape[0]
@@ -400,7 +409,8 @@ def decode(model: Llama, tokenizer, cache: KVCache, logits: jax.Array, max_new_t
     stop_ids = tuple(sorted(tokenizer.stop_ids())) if stop_at_eos else ()
     static, state, loop = init_decode_loop(model, cache, first, max_new_tokens, key,
                                            sampling=sampling, attention=attention,
-                                           stop_ids=stop_ids, queries=queries)
+                                           stop_ids=stop_ids, queries=queries,
+                                           attention_stats=attention_stats)
     report = (attention.report(cache, model.cfg.n_heads, loop["attn"])
               if hasattr(attention, "report") else {})
     printer = _Streamer(tokenizer, B, stream) if stream else None

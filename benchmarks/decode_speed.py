@@ -77,12 +77,13 @@ def read_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
 
 
 def time_decode(model, batch: int, context: int, steps: int, repeats: int, attention=None,
-                fill_cache=None):
+                fill_cache=None, attention_stats: bool = True):
     """Median seconds per decode step at `context` cached tokens, batch `batch`.
 
     fill_cache(cache) may replace the random cache (e.g. keys with realistic structure); a
     stateful `attention` method builds its indexes over the cache before the timing (not
-    timed). Returns (seconds per step, attention stats or None)."""
+    timed). attention_stats=False times the loop without the method's statistics.
+    Returns (seconds per step, attention stats or None)."""
     cfg = model.cfg
     max_len = -(-(context + steps * (repeats + 1) + 1) // 256) * 256
     abstract = aj.KVCache.abstract(cfg, batch, max_len, model.dtype)  # the backend's layout
@@ -93,7 +94,8 @@ def time_decode(model, batch: int, context: int, steps: int, repeats: int, atten
     if fill_cache is not None:
         cache = fill_cache(cache)
     static, state, loop = init_decode_loop(model, cache, jnp.zeros((batch,), jnp.int32), steps,
-                                           jax.random.PRNGKey(0), attention=attention)
+                                           jax.random.PRNGKey(0), attention=attention,
+                                           attention_stats=attention_stats)
     times = []
     for r in range(repeats + 1):  # the first run compiles; each run appends `steps` tokens
         loop = dict(loop, step=jnp.int32(0), done=jnp.zeros((batch,), bool))

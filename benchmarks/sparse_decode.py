@@ -100,6 +100,14 @@ def parse_method(spec: str):
     raise SystemExit(f"unknown method {spec!r}")
 
 
+def parse_spec(spec: str):
+    """(method, attention_stats): a method spec, ":nostats" at its end times it without the
+    statistics (`init_decode_loop(attention_stats=False)`)."""
+    if spec.endswith(":nostats"):
+        return parse_method(spec[:-len(":nostats")]), False
+    return parse_method(spec), True
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072],
@@ -108,7 +116,8 @@ def main(argv=None):
                     default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
                     help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas"
                          "[:compact][:onepass][:f32][:noprobe]] | "
-                         "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | quest:PAGES")
+                         "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | quest:PAGES; "
+                         "any sparse method[:nostats]: timed without its statistics")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")
     ap.add_argument("--steps", type=int, default=16)
@@ -124,12 +133,12 @@ def main(argv=None):
     model = random_model(cfg, jnp.bfloat16 if backend == "gpu" else jnp.float32)
     rows = []
     for spec in args.methods:
-        method = parse_method(spec)
+        method, with_stats = parse_spec(spec)
         for ctx in args.contexts:
             t = time.perf_counter()
             try:
                 s, stats = time_decode(model, 1, ctx, args.steps, args.repeats, attention=method,
-                                       fill_cache=structured_fill(ctx))
+                                       fill_cache=structured_fill(ctx), attention_stats=with_stats)
             except Exception as e:  # out of memory at the largest context, say
                 print(f"{spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -150,7 +159,7 @@ def main(argv=None):
             if not spec.startswith("dipr"):
                 continue
             try:
-                prof = profile_decode(model, ctx, args.steps, parse_method(spec))
+                prof = profile_decode(model, ctx, args.steps, *parse_spec(spec))
             except Exception as e:
                 print(f"profile {spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue
@@ -172,7 +181,7 @@ def main(argv=None):
     plot(rows, meta, os.path.join(args.out, f"sparse_decode_{jax.default_backend()}.png"))
 
 
-def profile_decode(model, context: int, steps: int, method) -> dict:
+def profile_decode(model, context: int, steps: int, method, attention_stats: bool = True) -> dict:
     """One decode call of `steps` steps under the profiler (after a compiling call): wall and
     GPU-kernel ms per step, kernel us per step by name, and the copies of arrays over 1 MB
     in the compiled loop (the index and cache must stay in place)."""
@@ -188,7 +197,8 @@ def profile_decode(model, context: int, steps: int, method) -> dict:
                        lengths=jnp.full((1,), context, jnp.int32))
     cache = structured_fill(context)(cache)
     static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
-                                           jax.random.PRNGKey(0), attention=method)
+                                           jax.random.PRNGKey(0), attention=method,
+                                           attention_stats=attention_stats)
     del cache
     hlo = _decode_loop.lower(static, state, loop, jnp.int32(steps)).compile().as_text()
     copies = []

@@ -54,6 +54,18 @@ def test_streaming_attends_sink_plus_window(tiny_model):
     assert r.attention_stats["attended_fraction"] == pytest.approx(np.mean(10 / ctx), rel=1e-3)
 
 
+def test_decoding_without_stats_gives_the_same_tokens(tiny_model):
+    """attention_stats=False drops the statistics from the decode step, not the attention."""
+    model, tok = tiny_model
+    method = M.DIPR(4.0, "cluster", cluster_size=4, sink=2, window=4, capacity_fraction=0.5)
+    with_stats = _run(model, tok, method, n=8)
+    without = aj.generate(model, tok, PROMPT, 8, attention=method, stop_at_eos=False,
+                          attention_stats=False)
+    assert without.tokens == with_stats.tokens
+    assert with_stats.attention_stats["attended_fraction"] > 0
+    assert without.attention_stats is None
+
+
 def test_capacity_truncation_is_reported(tiny_model):
     model, tok = tiny_model
     r = _run(model, tok, M.DIPR(float("inf"), "cluster", delta=float("inf"), cluster_size=4,
