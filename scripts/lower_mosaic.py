@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from alaya_jax.pallas import _mgpu  # noqa: E402
+from alaya_jax.pallas import exact_attention as ea  # noqa: E402
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas import score_select as ss  # noqa: E402
 from alaya_jax.pallas import split_merge as sm  # noqa: E402
@@ -63,6 +64,14 @@ def cases(quick: bool):
     yield (f"block_margins g={g} d={d}",
            lambda q, c, t: ss.block_margins_mgpu(q, c, jnp.full((B, K), N, jnp.int32), t),
            (q, S((B, K, N, d), jnp.bfloat16), thr))
+    if g % 4 == 0:
+      for tail in (192, 40):
+        cache = S((B, 1024, K, d), jnp.bfloat16)
+        yield (f"exact_attention g={g} d={d} tail={tail}",
+               lambda q, k, t, l, x, tail=tail: ea.exact_attention(
+                   q, k, k, t, l, x, sink=4, tail_size=tail, beta=8.0, keep_sink=4,
+                   keep_window=64, impl="pallas"),
+               (q, cache, S((B,), jnp.int32), S((B,), jnp.int32), thr))
     w = sm.merge_width(g, d, 33)
     if w is not None:
       yield (f"split_merge g={g} d={d} W={w}",

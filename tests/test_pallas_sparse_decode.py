@@ -211,3 +211,21 @@ def test_dispatch(data):
         with pytest.raises(NotImplementedError):
             sparse_attention_jit(q, store, dataclasses.replace(plan, rank_std=0.0, impl="pallas"))
     assert sd.kernel_supports(q, store, Plan.dipr(4.0, "cluster", window=32)) is None
+
+
+def test_exact_region_kernel_answers_one_pass_and_attend_read(data):
+    """one_pass / attend_read plans run the exact region in its kernel (`exact_attention`,
+    visible in the jaxpr) where the shapes allow, and answer as the jnp path; the exact
+    threshold plan, and exact_kernel=False, keep the XLA form."""
+    q, store = data
+    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=2.0, one_pass=True)
+    jaxpr = lambda p, c: str(jax.make_jaxpr(functools.partial(
+        sd.sparse_attention_pallas, plan=p, config=c, interpret=INTERPRET))(q, store))
+    assert "alaya_exact_attention" in jaxpr(plan, CONFIG)
+    assert "alaya_exact_attention" in jaxpr(dataclasses.replace(plan, one_pass=False,
+                                                                attend_read=True), CONFIG)
+    assert "alaya_exact_attention" not in jaxpr(dataclasses.replace(plan, one_pass=False),
+                                                CONFIG)
+    assert "alaya_exact_attention" not in jaxpr(plan, dataclasses.replace(CONFIG,
+                                                                          exact_kernel=False))
+    assert_same(*run_both(q, store, plan))

@@ -3,7 +3,10 @@
 The same query as `attention._sparse_path` for a `Plan.dipr(index="cluster")` (estimate, then
 verify; DESIGN.md), with the two parts that grow with the context on the kernels:
 
-  1. the exact region (sink + tail, a few hundred positional tokens) in jnp, as there;
+  1. the exact region (sink + tail, a few hundred positional tokens): for one_pass and
+     attend_read plans in one kernel (`exact_attention`, after the probe: its threshold
+     max(m', probe max) - beta needs nothing read later; m' comes out of it too), else in
+     jnp as there;
   2. block margins  margin[j] = max over the group's heads of est_h[j] - (m'_h - beta - delta_h):
      the `score_select` margins kernel when nothing else needs the per-head estimates
      (probe = 0 and no remainder); otherwise est = q.centroid / sqrt(D) in XLA (the probe's
@@ -57,6 +60,7 @@ from alaya_jax.errors import ConfigError, PlanError
 from alaya_jax.index.cluster import (attend_masked, centroid_scores, gather_blocks, kept_mask,
                                      remainder_estimate, select_blocks)
 from alaya_jax.pallas import _mgpu
+from alaya_jax.pallas import exact_attention as ea
 from alaya_jax.pallas import gathered_attention as ga
 from alaya_jax.pallas import score_select as ss
 
@@ -78,11 +82,15 @@ class SparseDecodeConfig:
     attention: the gathered-attention kernel's tuning.
     in_kernel: where the kept set is a cut on the margins (select "bins"), the attention
     kernel lists its blocks itself (`gathered_attention.select_attention`: no compaction
-    kernels before it); False compacts the kept list in XLA first."""
+    kernels before it); False compacts the kept list in XLA first.
+    exact_kernel: for plans whose threshold the exact region can settle alone (one_pass,
+    attend_read), its attention in one Mosaic GPU kernel (`exact_attention`: gather, scores,
+    max, masks, softmax and P.V) where its shapes allow; False (or other plans) in XLA."""
 
     select: str = "auto"
     attention: ga.GatheredAttentionConfig = ga.GatheredAttentionConfig()
     in_kernel: bool = True
+    exact_kernel: bool = True
 
     def __post_init__(self):
         if self.select not in _SELECTS:
@@ -273,14 +281,19 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     lengths = store.lengths
     kw = dict(impl="pallas", interpret=interpret)
 
-    # 1. the exact region: sink + tail, from the positional cache
+    # 1. the exact region: sink + tail, from the positional cache; in one kernel after the
+    # probe where the plan's threshold needs nothing read after it (its max m' comes out too)
     tail_size = min(cfg.tail_capacity, S)
-    ex = A._exact_region(q, store, cfg.sink, idx.end, tail_size, lengths)
     tail_over = lengths - idx.end > tail_size
-    ex_valid = jnp.broadcast_to(ex.valid[:, None, :], ex.s.shape)
-    exact_max = A._masked_max(ex.s, ex_valid)  # [B,H]
-    always = ex_valid & ((ex.pos < plan.sink)
-                         | (ex.pos >= (lengths - plan.window)[:, None]))[:, None, :]
+    q_c = q.astype(store.k.dtype)
+    exact_kernel = (config.exact_kernel and (plan.one_pass or plan.attend_read)
+                    and ea.kernel_supports(q_c, store.k, tail_size) is None)
+    if not exact_kernel:
+        ex = A._exact_region(q, store, cfg.sink, idx.end, tail_size, lengths)
+        ex_valid = jnp.broadcast_to(ex.valid[:, None, :], ex.s.shape)
+        exact_max = A._masked_max(ex.s, ex_valid)  # [B,H]
+        always = ex_valid & ((ex.pos < plan.sink)
+                             | (ex.pos >= (lengths - plan.window)[:, None]))[:, None, :]
     delta = idx.delta if plan.delta is None else plan.delta
     cap = N if plan.capacity is None else min(plan.capacity, N)
     nonempty = idx.block_len > 0  # [B,K,N]
@@ -300,6 +313,11 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         # the probed blocks as a compare, not a scatter (3 kernels fewer on a GPU); a tie
         # with a head's last probed estimate forces the tied blocks too
         force = jnp.any((est >= top_est[..., -1:]).reshape(B, K, G, N), axis=2)
+    if exact_kernel:  # thresholds max(m', probe max) - beta (one_pass) or none (attend_read)
+        o_ex, lse_ex, exact_max, n_ex = ea.exact_attention(
+            q_c, store.k, store.v, idx.end, lengths, probe_max, sink=cfg.sink,
+            tail_size=tail_size, beta=float("inf") if plan.attend_read else plan.beta,
+            keep_sink=plan.sink, keep_window=plan.window, **kw)
     thr = jnp.maximum(exact_max, probe_max) - plan.beta - jnp.asarray(delta, jnp.float32)  # [B,H]
     if use_est:
         margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
@@ -347,7 +365,13 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         threshold = jnp.maximum(exact_max, kmax) - plan.beta
 
     # 5. attention over the kept blocks, the exact region and the remainder
-    ex_mask = (ex_valid & (ex.s >= threshold[..., None])) | always
+    if not exact_kernel:
+        ex_mask = (ex_valid & (ex.s >= threshold[..., None])) | always
+        o_ex, lse_ex = A._attend_exact(ex.s, ex_mask, ex.v)
+        n_ex = jnp.sum(ex_mask, -1)
+        n_valid = jnp.sum(ex.valid, -1)
+    else:
+        n_valid = ea.region_valid_count(idx.end, lengths, S, cfg.sink, tail_size)
     if in_kernel:
         o_g, lse_g, n_g = ga.select_attention(q, idx.keys, idx.values, idx.block_len,
                                               margin_il, cut, threshold, interleaved=True,
@@ -356,7 +380,7 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         o_g, lse_g, n_g = ga.gathered_attention(q, idx.keys, idx.values, idx.block_len, kept,
                                                 kept_count, threshold, config=config.attention,
                                                 with_counts=True, **kw)
-    parts = [A._attend_exact(ex.s, ex_mask, ex.v), AttentionOut(o_g, lse_g)]
+    parts = [AttentionOut(o_ex, lse_ex), AttentionOut(o_g, lse_g)]
     if plan.remainder:
         read = keep if in_kernel else kept_mask(kept, kept_count, N)
         parts.append(remainder_estimate(q, est, (idx.block_len, idx.key_var, idx.value_mean),
@@ -364,10 +388,9 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     out = merge_attention(*parts)
 
     rows = (2 if (plan.remainder and plan.remainder_var) else 1) * A._count_bk(nonempty, K)
-    keys_read = (rows + keys_in_kept.astype(jnp.int32)
-                 + jnp.sum(ex.valid, -1).astype(jnp.int32)[:, None])
+    keys_read = (rows + keys_in_kept.astype(jnp.int32) + n_valid.astype(jnp.int32)[:, None])
     stats = A.Stats(
-        keys_attended=(jnp.sum(ex_mask, -1) + n_g).astype(jnp.int32),
+        keys_attended=(n_ex + n_g).astype(jnp.int32),
         keys_read=keys_read, rows_scored=rows, groups_kept=kept_count, groups_needed=needed,
         threshold=threshold, truncated=jnp.any(needed > kept_count, axis=-1) | tail_over,
         context=lengths, attended=None)
