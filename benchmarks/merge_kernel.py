@@ -5,7 +5,9 @@ run (GPU; Llama-3-8B layer shapes: 8 kv heads, G 4, d 128, bf16, P 32, random ke
     PYTHONUNBUFFERED=1 python benchmarks/merge_kernel.py --out benchmarks/results
 
 For each capacity, kept counts all at the capacity ("full") or each kv head keeping a uniformly
-random 50-100% of it ("ragged"); the balanced split (the default). GPU time from the profiler
+random 50-100% of it ("ragged"); the balanced split (the default). "kernel+pdl": the merge
+kernel launched as a programmatic dependent of the attention kernel
+(`GatheredAttentionConfig(pdl=True)`). GPU time from the profiler
 per `gathered_attention` call (one trace of 8 calls in a jit, every output returned): the
 attention kernel alone, the whole call, and the other kernels by name (the merge kernel
 `alaya_split_merge`, XLA's reduction `input_reduce_fusion`, the slice of the lse out of its
@@ -44,8 +46,8 @@ def main():
   for cap, counts_name, kept, cnt, mb in count_cases(rng, args.caps, args.counts):
     xla = ga.GatheredAttentionConfig(split_merge="xla")
     want = ga.gathered_attention(qs[0], keys, vals, blen, kept, cnt, thr, config=xla)
-    for merge in ("xla", "kernel"):
-      cfg = ga.GatheredAttentionConfig(split_merge=merge)
+    for merge in ("xla", "kernel", "kernel+pdl"):
+      cfg = ga.GatheredAttentionConfig(split_merge=merge.split("+")[0], pdl="pdl" in merge)
       rows.append(timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap,
                             counts=counts_name, split_merge=merge,
                             max_abs_diff=max_abs_diff(cfg, want, layer, qs[0], kept, cnt)))

@@ -45,9 +45,11 @@ def cases(quick: bool):
     keys, blen = S((B, K, N, P, d), jnp.bfloat16), S((B, K, N), jnp.int32)
     q, thr = S((B, K * g, d), jnp.bfloat16), S((B, K * g), jnp.float32)
     kept, cnt = S((B, K, cap), jnp.int32), S((B, K), jnp.int32)
-    for balanced, merge in ((True, "kernel"), (False, "kernel"), (True, "xla")):
-      cfg = ga.GatheredAttentionConfig(balanced=balanced, split_merge=merge)
-      yield (f"gathered_attention g={g} d={d} balanced={balanced} split_merge={merge}",
+    for balanced, merge, pdl in ((True, "kernel", False), (False, "kernel", False),
+                                 (True, "xla", False), (True, "kernel", True)):
+      cfg = ga.GatheredAttentionConfig(balanced=balanced, split_merge=merge, pdl=pdl)
+      yield (f"gathered_attention g={g} d={d} balanced={balanced} split_merge={merge}"
+             + (" pdl" if pdl else ""),
              lambda q, k, bl, kp, c, t, cfg=cfg: ga.gathered_attention(
                  q, k, k, bl, kp, c, t, impl="pallas", config=cfg),
              (q, keys, blen, kept, cnt, thr))

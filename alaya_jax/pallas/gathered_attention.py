@@ -128,6 +128,10 @@ class GatheredAttentionConfig:
   split_merge: "kernel" merges the splits' partials in a Mosaic GPU kernel
     (`split_merge.merge_partials`; where `merge_width` allows, else XLA), "xla" in one XLA
     reduction (`merge_splits`).
+  pdl: with the merge kernel, launch it as a programmatic dependent of the attention kernel
+    (each attention program signals `griddepcontrol.launch_dependents` as it starts; the merge
+    waits with `griddepcontrol.wait` before reading the partials): its launch overlaps the
+    attention kernel instead of following it. GPU only (the interpreter ignores it).
   """
   blocks_per_program: int | None = None
   steps_in_flight: int = 4
@@ -135,6 +139,7 @@ class GatheredAttentionConfig:
   balanced: bool = True
   programs: int | None = None
   split_merge: str = "kernel"
+  pdl: bool = False
 
   def __post_init__(self):
     b = self.blocks_per_program
@@ -354,7 +359,8 @@ def _attention_kernel(
     k_gmem,      # [B*K*N*P, D]
     *rest,
     splits, g, n, cap, chunk, p, d, dtype, q_rows, per_step, k_transforms, v_transforms,
-    steps_in_flight, interpret, max_only=False, scan=False, balance=None, lb_width=None):
+    steps_in_flight, interpret, max_only=False, scan=False, balance=None, lb_width=None,
+    pdl=False):
   """One program: kv head bk = pid // splits, kept entries [s*chunk, (s+1)*chunk); or, with
   `balance` (a `_Balance`), the program's share of the balanced split (`_balanced_share`),
   its outputs at row bk * splits + s.
@@ -395,6 +401,8 @@ def _attention_kernel(
     v_gmem, o_gmem, lse_gmem, n_gmem, q_smem, thr_smem, ids_smem, cnt_smem, bars = rest
 
   pid = lax.axis_index("p")
+  if pdl and not interpret:  # the merge kernel may launch now (it waits for this grid's end)
+    plgpu.griddepcontrol_launch_dependents()
   ids_off = 0  # where the program's entries start in ids_smem
   if balance is not None:  # the counts of every kv head first: they place this program
     plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(0, cnt_smem.shape[0])], cnt_smem, bars.at[3])
@@ -773,7 +781,7 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       _attention_kernel, splits=splits, g=g, n=n, cap=cap, chunk=chunk, p=p, d=d, dtype=dtype,
       q_rows=q_rows, per_step=per_step, k_transforms=qk_t, v_transforms=v_t,
       steps_in_flight=config.steps_in_flight, interpret=interpret, max_only=max_only,
-      scan=scan, balance=balance, lb_width=lb_width)
+      scan=scan, balance=balance, lb_width=lb_width, pdl=config.pdl and lb_width is not None)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
   slots = bk * splits  # output rows: program (kv head, split) writes row kv head * splits + split
   rows_sds = jax.ShapeDtypeStruct((slots, g if g % 4 == 0 else _ROWS), jnp.float32)
@@ -847,7 +855,7 @@ def _gathered_attention_mgpu(q, keys, values, block_len, kept, kept_count, thres
                   interpret=interpret, scan=scan)
   if isinstance(parts, _Partials):
     o, lse = split_merge.merge_partials_rows(parts.o_part, parts.lb_part, parts.count,
-                                             interpret=interpret)
+                                             interpret=interpret, pdl=config.pdl)
     o, lse = with_remainder(o.reshape(b, h, -1), lse.reshape(b, h), remainder)
     n_part = parts.n_part
   else:

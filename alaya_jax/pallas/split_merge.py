@@ -97,18 +97,24 @@ def merge_partials(o_part, lb_part, count, *, impl: str | None = None,
   return merge_partials_rows(o_part, lb_part, rows, interpret=interpret)
 
 
-def merge_partials_rows(o_part, lb_part, count_rows, *, interpret: bool = False):
+def merge_partials_rows(o_part, lb_part, count_rows, *, interpret: bool = False,
+                        pdl: bool = False):
   """`merge_partials` (Mosaic GPU, no dispatch) with the counts as rows [BK, 4] int32 whose
   first column is the count: the attention kernel's balanced split writes them so, and
-  slicing the column out would be a kernel of its own (~1 us on an H200)."""
-  return _merge_partials_mgpu(o_part, lb_part, count_rows, interpret=interpret)
+  slicing the column out would be a kernel of its own (~1 us on an H200). pdl: launched as a
+  programmatic dependent of the kernel before it (`GatheredAttentionConfig.pdl`), the merge
+  first waits for that grid with `griddepcontrol.wait`."""
+  return _merge_partials_mgpu(o_part, lb_part, count_rows, interpret=interpret, pdl=pdl)
 
 
 def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c_smem, t_smem,
-                  bars, *, s, g, w, col_chunks, vec, interpret):
+                  bars, *, s, g, w, col_chunks, vec, interpret, pdl):
   """Program pid: kv head pid // col_chunks, columns (pid % col_chunks) * W + [0, W)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  if pdl and not interpret:  # launched early: the partials are complete only after this
+    plgpu.griddepcontrol_wait()
 
   pid = lax.axis_index("p")
   head = lax.div(pid, jnp.int32(col_chunks))
@@ -164,8 +170,8 @@ def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c
       lf_gmem[head, r] = t_smem[r, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def _merge_partials_mgpu(o_part, lb_part, count_rows, *, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("interpret", "pdl"))
+def _merge_partials_mgpu(o_part, lb_part, count_rows, *, interpret: bool, pdl: bool = False):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   bk, s, g, d = o_part.shape
@@ -173,7 +179,7 @@ def _merge_partials_mgpu(o_part, lb_part, count_rows, *, interpret: bool):
   vec = next(v for v in (4, 2, 1) if (g * w) % (128 * v) == 0 and w % v == 0)
   col_chunks = d // w
   body = functools.partial(_merge_kernel, s=s, g=g, w=w, col_chunks=col_chunks, vec=vec,
-                           interpret=interpret)
+                           interpret=interpret, pdl=pdl)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
   return plgpu.kernel(
       body,
