@@ -32,6 +32,7 @@ from alaya_jax.pallas import exact_attention as ea  # noqa: E402
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas import score_select as ss  # noqa: E402
 from alaya_jax.pallas import split_merge as sm  # noqa: E402
+from alaya_jax.pallas import top_cut as tc  # noqa: E402
 
 _mgpu.on_gpu = lambda: True  # dispatch as on a GPU: we lower for one
 S = jax.ShapeDtypeStruct
@@ -39,6 +40,9 @@ S = jax.ShapeDtypeStruct
 
 def cases(quick: bool):
   """(name, function, abstract args) to lower."""
+  for rows, n in ((8, 8256), (64, 33024)):
+    yield (f"top_cut {rows} rows of {n}", lambda m: tc.top_cap_cut_mgpu(m, 413),
+           (S((rows, n), jnp.float32),))
   shapes = [(4, 128)] if quick else [(4, 128), (1, 64), (3, 128), (8, 64), (8, 128)]
   B, K, P, N, cap = 2, 4, 32, 512, 64
   for g, d in shapes:

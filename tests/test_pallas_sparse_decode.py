@@ -229,3 +229,21 @@ def test_exact_region_kernel_answers_one_pass_and_attend_read(data):
     assert "alaya_exact_attention" not in jaxpr(plan, dataclasses.replace(CONFIG,
                                                                           exact_kernel=False))
     assert_same(*run_both(q, store, plan))
+
+
+def test_in_kernel_selection_cut_kernel_equals_the_xla_cut(data):
+    """The grid select's cut in one kernel (`top_cut`, SparseDecodeConfig.cut_kernel) where a
+    capacity binds: the same answer and stats as the XLA cut, and the kernel in the jaxpr."""
+    q, store = data
+    att = ga.GatheredAttentionConfig(blocks_per_program=16)
+    with_kernel = sd.SparseDecodeConfig(select="bins", attention=att)
+    xla_cut = dataclasses.replace(with_kernel, cut_kernel=False)
+    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=DELTA_RAGGED, capacity=12,
+                     one_pass=True)
+    jaxpr = str(jax.make_jaxpr(functools.partial(
+        sd.sparse_attention_pallas, plan=plan, config=with_kernel, interpret=INTERPRET))(q, store))
+    assert "alaya_top_cut" in jaxpr
+    got = _pallas_jit(q, store, plan, config=with_kernel, interpret=INTERPRET)
+    want = _pallas_jit(q, store, plan, config=xla_cut, interpret=INTERPRET)
+    assert (np.asarray(want[1].groups_needed) > np.asarray(want[1].groups_kept)).any()
+    assert_same(got, want)

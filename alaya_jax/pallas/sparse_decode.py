@@ -14,7 +14,8 @@ verify; DESIGN.md), with the two parts that grow with the context on the kernels
   3. the kept list: every block with margin >= 0 (the probed blocks forced) when they fit the
      capacity, as the jnp path's `select_blocks`. When more pass: up to a capacity of 16 the
      jnp path's `lax.top_k` set; past it, by default, the best blocks found on a grid of
-     margins (`top_cap_bins`: two reductions, no sort; short of the capacity by at most the
+     margins (`top_cap_bins`: two reductions, no sort, or one kernel with the in-kernel
+     selection, `top_cut`; short of the capacity by at most the
      blocks within 1/1024 of the best margin below the cut), or with select="radix" the exact
      `lax.top_k` set by a radix select of the cap-th largest margin (four passes); then the
      order-free compaction of `score_select.compact` (two small matmuls and a scatter), or,
@@ -63,6 +64,7 @@ from alaya_jax.pallas import _mgpu
 from alaya_jax.pallas import exact_attention as ea
 from alaya_jax.pallas import gathered_attention as ga
 from alaya_jax.pallas import score_select as ss
+from alaya_jax.pallas import top_cut as tc
 
 _SELECTS = ("auto", "bins", "radix", "top_k")
 #: Up to this capacity `lax.top_k` is XLA's single fused top-k kernel on the GPU; past it XLA
@@ -85,12 +87,15 @@ class SparseDecodeConfig:
     kernels before it); False compacts the kept list in XLA first.
     exact_kernel: for plans whose threshold the exact region can settle alone (one_pass,
     attend_read), its attention in one Mosaic GPU kernel (`exact_attention`: gather, scores,
-    max, masks, softmax and P.V) where its shapes allow; False (or other plans) in XLA."""
+    max, masks, softmax and P.V) where its shapes allow; False (or other plans) in XLA.
+    cut_kernel: the in-kernel selection's cut (`top_cap_cut`) in one Mosaic GPU kernel
+    (`top_cut.top_cap_cut_mgpu`) instead of ~8 small XLA kernels."""
 
     select: str = "auto"
     attention: ga.GatheredAttentionConfig = ga.GatheredAttentionConfig()
     in_kernel: bool = True
     exact_kernel: bool = True
+    cut_kernel: bool = True
 
     def __post_init__(self):
         if self.select not in _SELECTS:
@@ -337,7 +342,11 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         # (from the margins in the order they read them, made with the block-order ones)
         margin, margin_il = lax.optimization_barrier(
             (margin, ga.interleave_margins(margin, config.attention)))
-        cut, needed = top_cap_cut(margin.reshape(B * K, N), cap, forced=force is not None)
+        if config.cut_kernel and tc.kernel_supports(N) is None:
+            cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
+                                              forced=force is not None, interpret=interpret)
+        else:
+            cut, needed = top_cap_cut(margin.reshape(B * K, N), cap, forced=force is not None)
         cut, needed = cut.reshape(B, K), needed.reshape(B, K)
         keep = margin >= cut[..., None]
         kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
