@@ -1,0 +1,148 @@
+"""Per-kernel GPU time of a few decode steps of a Llama-3-8B-shaped model with few layers,
+for kernel-level A/B comparisons of the sparse decode path (GPU).
+
+    python benchmarks/decode_profile.py --out OUT --contexts 4096 131072 \\
+        --method dipr-auto:8:0.05:compact:onepass --layers 2 \\
+        --variants base in_kernel=0 split_merge=xla nostats
+
+Each variant decodes `--steps` steps through the library's jitted decode loop (as
+`sparse_decode.py`, structured keys) after a compiling call; one more call runs under the
+profiler. Prints and writes, per variant and context, wall and GPU ms per step, kernel
+launches per step and every kernel's GPU us per step (kernels_<variant>_<context>.txt), and
+with --hlo the compiled HLO (to map fusion names to what they compute).
+
+Variants: "base"; "nostats" (init_decode_loop(attention_stats=False)); and key=value sets of
+`SparseDecodeConfig` fields for the Mosaic GPU path (in_kernel=0|1, select=...) or
+`GatheredAttentionConfig` fields (split_merge=xla|kernel, balanced=0|1), joined with "+",
+e.g. "in_kernel=0+split_merge=xla". A variant's config replaces the path's default for that run only
+(the module function is wrapped while the variant is traced and compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import sparse_decode as SD  # noqa: E402
+from decode_speed import random_model  # noqa: E402
+from gpu_trace import kernel_events  # noqa: E402
+
+import alaya_jax as aj  # noqa: E402
+from alaya_jax.generate import _decode_loop, init_decode_loop  # noqa: E402
+from alaya_jax.model.config import llama3_8b_config  # noqa: E402
+from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
+from alaya_jax.pallas import sparse_decode as sd  # noqa: E402
+
+
+def parse_variant(spec: str):
+    """(attention_stats, SparseDecodeConfig or None) of a variant name."""
+    if spec in ("base", "nostats"):
+        return spec == "base", None
+    dec, att, stats = {}, {}, True
+    for item in spec.split("+"):
+        if item == "nostats":
+            stats = False
+            continue
+        key, _, val = item.partition("=")
+        dec_fields = {f.name for f in dataclasses.fields(sd.SparseDecodeConfig)}
+        att_fields = {f.name for f in dataclasses.fields(ga.GatheredAttentionConfig)}
+        if key not in dec_fields | att_fields:
+            raise SystemExit(f"unknown config field {key!r} in variant {spec!r}")
+        flag = val.lower() in ("0", "1", "true", "false")
+        (dec if key in dec_fields else att)[key] = (val.lower() in ("1", "true")) if flag else val
+    cfg = sd.SparseDecodeConfig(**dec)
+    if att:
+        cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, **att))
+    return stats, cfg
+
+
+@contextlib.contextmanager
+def path_config(cfg):
+    """The Mosaic GPU path run with `cfg` while the block runs (None: its default)."""
+    orig = sd.sparse_attention_pallas
+    if cfg is not None:
+        sd.sparse_attention_pallas = functools.partial(orig, config=cfg)
+    try:
+        yield
+    finally:
+        sd.sparse_attention_pallas = orig
+
+
+def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None):
+    cfg_model = model.cfg
+    max_len = -(-(context + 3 * steps + 1) // 256) * 256
+    abstract = aj.KVCache.abstract(cfg_model, 1, max_len, model.dtype)
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+    cache = aj.KVCache(k=jax.tree.map(zeros, abstract.k), v=jax.tree.map(zeros, abstract.v),
+                       lengths=jnp.full((1,), context, jnp.int32))
+    cache = SD.structured_fill(context)(cache)
+    jax.clear_caches()  # the jitted loop's cache key does not see the variant's config
+    with path_config(cfg):
+        static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
+                                               jax.random.PRNGKey(0), attention=method,
+                                               attention_stats=stats)
+        del cache
+        if hlo_path:
+            with open(hlo_path, "w") as f:
+                f.write(_decode_loop.lower(static, state, loop, jnp.int32(steps)).compile()
+                        .as_text())
+        run = lambda lp: _decode_loop(static, state, dict(lp, step=jnp.int32(0),
+                                      done=jnp.zeros((1,), bool)), jnp.int32(steps))
+        loop = run(loop)
+        jax.block_until_ready(loop)
+    t = time.perf_counter()
+    loop = run(loop)
+    jax.block_until_ready(loop)
+    wall = (time.perf_counter() - t) / steps
+    tot, cnt = collections.Counter(), collections.Counter()
+    for name, sec in kernel_events(run, loop):
+        tot[name] += sec * 1e6 / steps
+        cnt[name] += 1 / steps
+    return wall, tot, cnt
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/decode_profile")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 131072])
+    ap.add_argument("--method", default="dipr-auto:8:0.05:compact:onepass")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--variants", nargs="+", default=["base"])
+    ap.add_argument("--hlo", action="store_true", help="also write the compiled HLO")
+    args = ap.parse_args()
+    if jax.default_backend() != "gpu":
+        raise SystemExit("decode_profile.py reads GPU kernel times: it needs an NVIDIA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    model = random_model(dataclasses.replace(llama3_8b_config(), n_layers=args.layers),
+                         jnp.bfloat16)
+    method = SD.parse_method(args.method)
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; {args.method}, "
+          f"{args.layers} layers", flush=True)
+    for variant in args.variants:
+        stats, cfg = parse_variant(variant)
+        for ctx in args.contexts:
+            tag = f"{variant.replace('=', '').replace('+', '_')}_{ctx}"
+            hlo = os.path.join(args.out, f"hlo_{tag}.txt") if args.hlo else None
+            wall, tot, cnt = profile(model, method, ctx, args.steps, stats, cfg, hlo)
+            lines = [f"# {variant} @ {ctx}: wall {wall * 1e3:.3f} ms/step, GPU "
+                     f"{sum(tot.values()) / 1e3:.3f} ms/step, launches "
+                     f"{sum(cnt.values()):.1f}/step"]
+            lines += [f"{us:9.2f} us {cnt[n]:5.1f}x  {n}" for n, us in tot.most_common()]
+            print(lines[0], flush=True)
+            with open(os.path.join(args.out, f"kernels_{tag}.txt"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
