@@ -37,7 +37,6 @@ import sparse_decode as SD  # noqa: E402
 from decode_speed import random_model  # noqa: E402
 from gpu_trace import kernel_events  # noqa: E402
 
-import alaya_jax as aj  # noqa: E402
 from alaya_jax.generate import _decode_loop, init_decode_loop  # noqa: E402
 from alaya_jax.model.config import llama3_8b_config  # noqa: E402
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
@@ -79,13 +78,7 @@ def path_config(cfg):
 
 
 def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None):
-    cfg_model = model.cfg
-    max_len = -(-(context + 3 * steps + 1) // 256) * 256
-    abstract = aj.KVCache.abstract(cfg_model, 1, max_len, model.dtype)
-    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
-    cache = aj.KVCache(k=jax.tree.map(zeros, abstract.k), v=jax.tree.map(zeros, abstract.v),
-                       lengths=jnp.full((1,), context, jnp.int32))
-    cache = SD.structured_fill(context)(cache)
+    cache = SD.structured_cache(model, context, steps)
     jax.clear_caches()  # the jitted loop's cache key does not see the variant's config
     with path_config(cfg):
         static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,

@@ -63,6 +63,17 @@ def structured_fill(context: int, seed: int = 0):
     return fill
 
 
+def structured_cache(model, context: int, steps: int):
+    """A batch-1 decode cache of `context` structured tokens (`structured_fill`) with room
+    for a few decode calls of `steps` steps."""
+    max_len = -(-(context + 3 * steps + 1) // 256) * 256
+    abstract = aj.KVCache.abstract(model.cfg, 1, max_len, model.dtype)
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+    cache = aj.KVCache(k=jax.tree.map(zeros, abstract.k), v=jax.tree.map(zeros, abstract.v),
+                       lengths=jnp.full((1,), context, jnp.int32))
+    return structured_fill(context)(cache)
+
+
 #: flag "compact": blocks of cluster_size slots and 4 balance rounds (~1x the cache, not ~3x)
 COMPACT_LAYOUT = dict(block_size=32, balance_rounds=4)
 
@@ -189,13 +200,7 @@ def profile_decode(model, context: int, steps: int, method, attention_stats: boo
 
     from alaya_jax.generate import _decode_loop, init_decode_loop
 
-    cfg = model.cfg
-    max_len = -(-(context + 3 * steps + 1) // 256) * 256
-    abstract = aj.KVCache.abstract(cfg, 1, max_len, model.dtype)
-    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
-    cache = aj.KVCache(k=jax.tree.map(zeros, abstract.k), v=jax.tree.map(zeros, abstract.v),
-                       lengths=jnp.full((1,), context, jnp.int32))
-    cache = structured_fill(context)(cache)
+    cache = structured_cache(model, context, steps)
     static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
                                            jax.random.PRNGKey(0), attention=method,
                                            attention_stats=attention_stats)
