@@ -32,6 +32,11 @@ _pallas_jit = jax.jit(sd.sparse_attention_pallas, static_argnames=("plan", "conf
 # One split per kv head: the interpreter runs each program serially, so few programs is fast.
 CONFIG = sd.SparseDecodeConfig(select="radix",
                                attention=ga.GatheredAttentionConfig(blocks_per_program=16))
+# The grid select, whose cut the attention kernel selects against (in_kernel)
+BINS = dataclasses.replace(CONFIG, select="bins")
+# A capacity that truncates some kv heads, the probe's forced blocks
+RAGGED_PLAN = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=DELTA_RAGGED,
+                        capacity=12)
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +131,9 @@ def test_in_kernel_selection_equals_the_compacted_list(data):
     forced blocks; the keys-only threshold pass; the remainder over the unread blocks), and
     as the jnp path where no capacity binds (one_pass)."""
     q, store = data
-    att = ga.GatheredAttentionConfig(blocks_per_program=16)
-    inside = sd.SparseDecodeConfig(select="bins", attention=att)
+    inside = BINS
     compacted = dataclasses.replace(inside, in_kernel=False)
-    base = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=DELTA_RAGGED, capacity=12,
-                     remainder=True)
+    base = dataclasses.replace(RAGGED_PLAN, remainder=True)
     got = _pallas_jit(q, store, base, config=inside, interpret=INTERPRET)
     want = _pallas_jit(q, store, base, config=compacted, interpret=INTERPRET)
     assert (np.asarray(want[1].groups_needed) > np.asarray(want[1].groups_kept)).any()
@@ -235,11 +238,9 @@ def test_in_kernel_selection_cut_kernel_equals_the_xla_cut(data):
     """The grid select's cut in one kernel (`top_cut`, SparseDecodeConfig.cut_kernel) where a
     capacity binds: the same answer and stats as the XLA cut, and the kernel in the jaxpr."""
     q, store = data
-    att = ga.GatheredAttentionConfig(blocks_per_program=16)
-    with_kernel = sd.SparseDecodeConfig(select="bins", attention=att)
+    with_kernel = BINS
     xla_cut = dataclasses.replace(with_kernel, cut_kernel=False)
-    plan = Plan.dipr(4.0, "cluster", sink=4, window=32, probe=2, delta=DELTA_RAGGED, capacity=12,
-                     one_pass=True)
+    plan = dataclasses.replace(RAGGED_PLAN, one_pass=True)
     jaxpr = str(jax.make_jaxpr(functools.partial(
         sd.sparse_attention_pallas, plan=plan, config=with_kernel, interpret=INTERPRET))(q, store))
     assert "alaya_top_cut" in jaxpr
