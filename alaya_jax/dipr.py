@@ -103,10 +103,11 @@ def scaled_scores(q, k):
     """s = q.k / sqrt(D) in f32.  q [B,H,D], k [B,S,K,D] -> [B,H,S]."""
     B, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
-    qg = q.reshape(B, K, H // K, D).astype(jnp.float32)
+    qg = q.reshape(B, K, H // K, D)
     if _plain_gemm():  # (a 16-bit q in the cache's dtype stays in it: exact, one GEMM)
-        qb = q.reshape(B, K, H // K, D) if q.dtype == k.dtype else qg
+        qb = qg if q.dtype == k.dtype else qg.astype(jnp.float32)
         return _gemm("xbch,bsc->xbhs", _block_diagonal(qb, K), k.reshape(B, S, K * D)) / math.sqrt(D)
+    qg = qg.astype(jnp.float32)
     s = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(jnp.float32)) / math.sqrt(D)
     return s.reshape(B, H, S)
 

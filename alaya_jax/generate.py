@@ -294,11 +294,11 @@ def init_decode_loop(model: Llama, cache: KVCache, first: jax.Array, max_new_tok
                 max_new=jnp.int32(max_new_tokens))
     if hasattr(attention, "prepare"):  # build the indexes over the prefilled cache
         loop["attn"] = attention.prepare(cache, model.cfg.n_heads, queries=queries)
-    if hasattr(attention, "prepare") and attention_stats:
-        L = model.cfg.n_layers
-        loop["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
-                             context=jnp.zeros((L, B)), truncated=jnp.zeros((L, B), jnp.int32),
-                             steps=jnp.zeros((B,)))
+        if attention_stats:
+            L = model.cfg.n_layers
+            loop["stats"] = dict(attended=jnp.zeros((L, B)), read=jnp.zeros((L, B)),
+                                 context=jnp.zeros((L, B)),
+                                 truncated=jnp.zeros((L, B), jnp.int32), steps=jnp.zeros((B,)))
     return static, state, loop
 
 
