@@ -12,10 +12,10 @@ launches per step and every kernel's GPU us per step (kernels_<variant>_<context
 with --hlo the compiled HLO (to map fusion names to what they compute).
 
 Variants: "base"; "nostats" (init_decode_loop(attention_stats=False)); and key=value sets of
-`SparseDecodeConfig` fields for the Mosaic GPU path (exact_kernel=0|1, in_kernel=0|1, select=...)
-or `GatheredAttentionConfig` fields (pdl=0|1, split_merge=xla|kernel), joined with "+",
-e.g. "exact_kernel=0+pdl=1". A variant's config replaces the path's default for that run only
-(the module function is wrapped while the variant is traced and compiled).
+`SparseDecodeConfig` fields for the Mosaic GPU path (exact_kernel=0|1, cut_kernel=0|1,
+in_kernel=0|1, select=...) or `GatheredAttentionConfig` fields (pdl=0|1, split_merge=xla|kernel),
+joined with "+", e.g. "exact_kernel=0+pdl=1". A variant's config replaces the path's default
+for that run only (the module function is wrapped while the variant is traced and compiled).
 """
 from __future__ import annotations
 
@@ -44,21 +44,21 @@ from alaya_jax.pallas import sparse_decode as sd  # noqa: E402
 
 
 def parse_variant(spec: str):
-    """(attention_stats, SparseDecodeConfig or None) of a variant name."""
-    if spec in ("base", "nostats"):
-        return spec == "base", None
+    """(attention_stats, SparseDecodeConfig or None: the path's default) of a variant name."""
+    dec_fields = {f.name for f in dataclasses.fields(sd.SparseDecodeConfig)}
+    att_fields = {f.name for f in dataclasses.fields(ga.GatheredAttentionConfig)}
     dec, att, stats = {}, {}, True
     for item in spec.split("+"):
-        if item == "nostats":
-            stats = False
+        if item in ("base", "nostats"):
+            stats = stats and item == "base"
             continue
         key, _, val = item.partition("=")
-        dec_fields = {f.name for f in dataclasses.fields(sd.SparseDecodeConfig)}
-        att_fields = {f.name for f in dataclasses.fields(ga.GatheredAttentionConfig)}
         if key not in dec_fields | att_fields:
             raise SystemExit(f"unknown config field {key!r} in variant {spec!r}")
         flag = val.lower() in ("0", "1", "true", "false")
         (dec if key in dec_fields else att)[key] = (val.lower() in ("1", "true")) if flag else val
+    if not dec and not att:
+        return stats, None
     cfg = sd.SparseDecodeConfig(**dec)
     if att:
         cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, **att))
