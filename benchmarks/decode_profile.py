@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
-import functools
 import os
 import sys
 import time
@@ -39,48 +37,19 @@ from gpu_trace import kernel_events  # noqa: E402
 
 from alaya_jax.generate import _decode_loop, init_decode_loop  # noqa: E402
 from alaya_jax.model.config import llama3_8b_config  # noqa: E402
-from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
-from alaya_jax.pallas import sparse_decode as sd  # noqa: E402
 
 
 def parse_variant(spec: str):
     """(attention_stats, SparseDecodeConfig or None: the path's default) of a variant name."""
-    dec_fields = {f.name for f in dataclasses.fields(sd.SparseDecodeConfig)}
-    att_fields = {f.name for f in dataclasses.fields(ga.GatheredAttentionConfig)}
-    dec, att, stats = {}, {}, True
-    for item in spec.split("+"):
-        if item in ("base", "nostats"):
-            stats = stats and item == "base"
-            continue
-        key, _, val = item.partition("=")
-        if key not in dec_fields | att_fields:
-            raise SystemExit(f"unknown config field {key!r} in variant {spec!r}")
-        flag = val.lower() in ("0", "1", "true", "false")
-        (dec if key in dec_fields else att)[key] = (val.lower() in ("1", "true")) if flag else val
-    if not dec and not att:
-        return stats, None
-    cfg = sd.SparseDecodeConfig(**dec)
-    if att:
-        cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, **att))
-    return stats, cfg
-
-
-@contextlib.contextmanager
-def path_config(cfg):
-    """The Mosaic GPU path run with `cfg` while the block runs (None: its default)."""
-    orig = sd.sparse_attention_pallas
-    if cfg is not None:
-        sd.sparse_attention_pallas = functools.partial(orig, config=cfg)
-    try:
-        yield
-    finally:
-        sd.sparse_attention_pallas = orig
+    items = spec.split("+")
+    stats = "nostats" not in items
+    return stats, SD.path_overrides([i for i in items if i not in ("base", "nostats")])
 
 
 def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None):
     cache = SD.structured_cache(model, context, steps)
     jax.clear_caches()  # the jitted loop's cache key does not see the variant's config
-    with path_config(cfg):
+    with SD.path_config(cfg):
         static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
                                                jax.random.PRNGKey(0), attention=method,
                                                attention_stats=stats)

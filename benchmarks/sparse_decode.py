@@ -22,7 +22,10 @@ Writes benchmarks/results/sparse_decode_<backend>.{json,png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
@@ -112,11 +115,54 @@ def parse_method(spec: str):
 
 
 def parse_spec(spec: str):
-    """(method, attention_stats): a method spec, ":nostats" at its end times it without the
-    statistics (`init_decode_loop(attention_stats=False)`)."""
-    if spec.endswith(":nostats"):
-        return parse_method(spec[:-len(":nostats")]), False
-    return parse_method(spec), True
+    """(method, attention_stats, config) of a method spec: "[:nostats]" before the end times it
+    without the statistics (`init_decode_loop(attention_stats=False)`); "@key=val+key=val" at
+    the end runs the Mosaic GPU path with those `SparseDecodeConfig` / `GatheredAttentionConfig`
+    fields (config None: the path's default), e.g. "dipr-auto:8:0.05:nostats@exact_kernel=0"."""
+    spec, _, over = spec.partition("@")
+    stats = not spec.endswith(":nostats")
+    method = parse_method(spec if stats else spec[:-len(":nostats")])
+    return method, stats, path_overrides(over.split("+") if over else [])
+
+
+def path_overrides(items):
+    """The Mosaic GPU path's config with `key=value` items set (None when there are none)."""
+    from alaya_jax.pallas import gathered_attention as ga
+    from alaya_jax.pallas import sparse_decode as sd
+
+    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    dec, att = {}, {}
+    for item in items:
+        key, _, val = item.partition("=")
+        if key not in fields(sd.SparseDecodeConfig) | fields(ga.GatheredAttentionConfig):
+            raise SystemExit(f"unknown config field {key!r} in {item!r}")
+        flag = val.lower() in ("0", "1", "true", "false")
+        (dec if key in fields(sd.SparseDecodeConfig) else att)[key] = (
+            val.lower() in ("1", "true")) if flag else val
+    if not dec and not att:
+        return None
+    cfg = sd.SparseDecodeConfig(**dec)
+    if att:
+        cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, **att))
+    return cfg
+
+
+@contextlib.contextmanager
+def path_config(cfg):
+    """The Mosaic GPU path traced with `cfg` while the block runs (None: its default). Clears
+    jax's caches on entry: a jitted loop's cache key does not see the config."""
+    from alaya_jax.pallas import sparse_decode as sd
+
+    orig = sd.sparse_attention_pallas
+    if cfg is not None:
+        jax.clear_caches()
+        sd.sparse_attention_pallas = functools.partial(orig, config=cfg)
+    try:
+        yield
+    finally:
+        sd.sparse_attention_pallas = orig
+        if cfg is not None:
+            jax.clear_caches()
 
 
 def main(argv=None):
@@ -128,7 +174,8 @@ def main(argv=None):
                     help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas"
                          "[:compact][:onepass][:f32][:noprobe]] | "
                          "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | quest:PAGES; "
-                         "any sparse method[:nostats]: timed without its statistics")
+                         "any sparse method[:nostats]: timed without its statistics; "
+                         "[@key=val+key=val]: Mosaic GPU path config fields")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")
     ap.add_argument("--steps", type=int, default=16)
@@ -144,12 +191,14 @@ def main(argv=None):
     model = random_model(cfg, jnp.bfloat16 if backend == "gpu" else jnp.float32)
     rows = []
     for spec in args.methods:
-        method, with_stats = parse_spec(spec)
+        method, with_stats, path_cfg = parse_spec(spec)
         for ctx in args.contexts:
             t = time.perf_counter()
             try:
-                s, stats = time_decode(model, 1, ctx, args.steps, args.repeats, attention=method,
-                                       fill_cache=structured_fill(ctx), attention_stats=with_stats)
+                with path_config(path_cfg):
+                    s, stats = time_decode(model, 1, ctx, args.steps, args.repeats,
+                                           attention=method, fill_cache=structured_fill(ctx),
+                                           attention_stats=with_stats)
             except Exception as e:  # out of memory at the largest context, say
                 print(f"{spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -170,7 +219,9 @@ def main(argv=None):
             if not spec.startswith("dipr"):
                 continue
             try:
-                prof = profile_decode(model, ctx, args.steps, *parse_spec(spec))
+                method, with_stats, path_cfg = parse_spec(spec)
+                with path_config(path_cfg):
+                    prof = profile_decode(model, ctx, args.steps, method, with_stats)
             except Exception as e:
                 print(f"profile {spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue
