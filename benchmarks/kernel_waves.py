@@ -121,9 +121,12 @@ def bandwidth(mb: float, kern_us: float, call_us: float, copy_tbps: float) -> di
               call_vs_copy=round(mb / call_us / copy_tbps, 3))
 
 
-def parse_caps(default):
-  """--caps (kept blocks per kv head, at most: the capacity) and --out."""
+def parse_caps(default, extra=None):
+  """--caps (kept blocks per kv head, at most: the capacity), --counts and --out; extra(ap)
+  adds a script's own arguments."""
   ap = argparse.ArgumentParser()
+  if extra:
+    extra(ap)
   ap.add_argument("--caps", type=int, nargs="*", default=default,
                   help="capacity: kept blocks per kv head (at most)")
   ap.add_argument("--counts", nargs="*", default=["full", "ragged"], choices=["full", "ragged"],

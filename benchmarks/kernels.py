@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import functools
 import json
@@ -405,6 +406,8 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
                 steps_in_flight=cfg.steps_in_flight, blocks_per_step=cfg.blocks_per_step)
       if "ms" in r and (best is None or r["ms"] < best[0]):
         best = (r["ms"], cfg)
+    pdl = dataclasses.replace(cfgs[0], pdl=True)  # the merge launched as a dependent
+    timed("attention_pallas_pdl", attn("pallas", pdl), att_bytes, blocks_per_program="balanced")
     timed("attention_xla", attn("xla", None), att_bytes)
     c_bytes = {name: c[0].nbytes for name, c in cents.items()}
     timed("margins_pallas_bf16", select("pallas", "bf16", True), c_bytes["bf16"])
@@ -414,6 +417,10 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
     cfg = best[1] if best else ga.GatheredAttentionConfig()
     for cname in ("f32", "bf16", "fp8"):
       timed(f"select_attend_pallas_{cname}", select_attend("pallas", cfg, cname),
+            att_bytes + c_bytes[cname])
+    for cname in ("bf16", "fp8"):
+      timed(f"select_attend_pallas_{cname}_pdl",
+            select_attend("pallas", dataclasses.replace(cfg, pdl=True), cname),
             att_bytes + c_bytes[cname])
     timed("select_attend_inkernel_bf16", select_attend_inkernel(ga.GatheredAttentionConfig()),
           att_bytes + c_bytes["bf16"])

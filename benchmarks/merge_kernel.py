@@ -38,7 +38,9 @@ def max_abs_diff(cfg, want, layer, q, kept, cnt):
 
 
 def main():
-  args = parse_caps([656, 2048])
+  args = parse_caps([656, 2048], lambda ap: ap.add_argument(
+      "--merges", nargs="*", default=["xla", "kernel", "kernel+pdl"],
+      choices=["xla", "kernel", "kernel+pdl"], help="the rows (merges) to time"))
   layer, qs, (read_tbps, copy_tbps) = setup("merge_kernel.py")
   keys, vals, blen, thr = layer
   rows = []
@@ -46,7 +48,7 @@ def main():
   for cap, counts_name, kept, cnt, mb in count_cases(rng, args.caps, args.counts):
     xla = ga.GatheredAttentionConfig(split_merge="xla")
     want = ga.gathered_attention(qs[0], keys, vals, blen, kept, cnt, thr, config=xla)
-    for merge in ("xla", "kernel", "kernel+pdl"):
+    for merge in args.merges:
       cfg = ga.GatheredAttentionConfig(split_merge=merge.split("+")[0], pdl="pdl" in merge)
       rows.append(timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap,
                             counts=counts_name, split_merge=merge,
