@@ -46,3 +46,21 @@ def test_kernel_matches_the_xla_cut(n, forced):
 def test_rows_past_shared_memory_are_refused():
   assert tc.kernel_supports(tc.MAX_BLOCKS) is None
   assert "shared memory" in tc.kernel_supports(tc.MAX_BLOCKS + 1)
+
+
+@pytest.mark.parametrize("bins", [8, 16, 64])
+def test_other_grids_match_the_xla_cut(bins):
+  m = jnp.asarray(margins(700, seed=bins))
+  for cap in (3, 100):
+    cut, needed = tc.top_cap_cut_mgpu(m, cap, bins=bins, interpret=INTERPRET)
+    want_cut, want_needed = jax.jit(sd.top_cap_cut, static_argnums=(1, 2, 3, 4))(
+        m, cap, bins, 2, True)
+    np.testing.assert_array_equal(np.asarray(needed), np.asarray(want_needed))
+    kept = np.asarray(m >= cut[:, None]).sum(-1)
+    want_kept = np.asarray(m >= want_cut[:, None]).sum(-1)
+    assert np.abs(kept - want_kept).max() <= (0 if INTERPRET else 3), (bins, cap)
+
+
+def test_a_grid_that_does_not_divide_a_tile_is_refused():
+  with pytest.raises(ValueError, match="bins 24"):
+    tc.top_cap_cut_mgpu(jnp.zeros((2, 640)), 5, bins=24, interpret=INTERPRET)
