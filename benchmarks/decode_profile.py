@@ -48,8 +48,7 @@ def parse_variant(spec: str):
 
 def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None):
     cache = SD.structured_cache(model, context, steps)
-    jax.clear_caches()  # the jitted loop's cache key does not see the variant's config
-    with SD.path_config(cfg):
+    with SD.path_config(cfg):  # (clears jax's caches: the loop's key does not see the config)
         static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
                                                jax.random.PRNGKey(0), attention=method,
                                                attention_stats=stats)

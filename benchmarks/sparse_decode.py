@@ -150,19 +150,18 @@ def path_overrides(items):
 @contextlib.contextmanager
 def path_config(cfg):
     """The Mosaic GPU path traced with `cfg` while the block runs (None: its default). Clears
-    jax's caches on entry: a jitted loop's cache key does not see the config."""
+    jax's caches on entry (a jitted loop's cache key does not see the config), not on exit: a
+    loop compiled in the block keeps its config when it runs after it."""
     from alaya_jax.pallas import sparse_decode as sd
 
     orig = sd.sparse_attention_pallas
+    jax.clear_caches()
     if cfg is not None:
-        jax.clear_caches()
         sd.sparse_attention_pallas = functools.partial(orig, config=cfg)
     try:
         yield
     finally:
         sd.sparse_attention_pallas = orig
-        if cfg is not None:
-            jax.clear_caches()
 
 
 def main(argv=None):

@@ -5,12 +5,8 @@
 rounds of `bins` counts over a grid of edges. In XLA on a GPU that is ~8 small kernels a
 layer (the best and count, per round the edges, the counts, the first edge that holds, the
 update; ~12-15 us a layer at 128K, 8B shapes, H200). Here one program per row loads the
-row into shared memory (TMA, boxes of up to 256 rows of 64) and runs every pass out of it.
-A round counts on [64, 64] register tiles, row e holding one edge and 64 margins along it
-(with 32 bins, two rows of margins a tile): one compare and add per element, one reduction
-along the rows at the round's end, the counts and edges read back as scalars (the first
-version reduced each edge's count over the whole warpgroup: 32 block-wide reductions a
-round, ~11 us a layer at 128K on an H200).
+row into shared memory (TMA, boxes of up to 256 rows of 64) and runs every pass out of it:
+each thread keeps its share of the counts of every edge in registers, reduced once a round.
 
 Same semantics as `top_cap_cut` (see there): returns (cut [R] f32, needed [R] int32); the kept
 set is margin >= cut. The grid's edges are computed once and used both for the counts and
@@ -32,7 +28,6 @@ from alaya_jax.pallas import _mgpu
 _COLS = 64          # a row of margins viewed as [N / 64, 64]
 _CHUNK_ROWS = 8     # one pass step: [8, 64] = 512 margins, 4 a thread
 _BOX_ROWS = 256     # a TMA box dimension holds at most 256
-_TILE = 64          # the rounds' tiles: [64 edge rows, 64 margins]
 #: Margins per row the kernel holds in shared memory (f32).
 MAX_BLOCKS = 48 * 1024
 #: At or above this a margin counts as forced (sparse_decode._FORCED).
@@ -61,8 +56,6 @@ def top_cap_cut_mgpu(margin, cap: int, bins: int = 32, rounds: int = 2, forced: 
   why = kernel_supports(N)
   if why:
     raise NotImplementedError(f"top_cap_cut_mgpu: {why}")
-  if bins not in (8, 16, 32, 64):
-    raise ValueError(f"top_cap_cut_mgpu: bins {bins} must be 8, 16, 32 or 64 (a tile's rows)")
   if cap >= N:
     return (jnp.zeros((R,), jnp.float32),
             jnp.sum(margin >= 0, -1, dtype=jnp.int32))
@@ -70,8 +63,8 @@ def top_cap_cut_mgpu(margin, cap: int, bins: int = 32, rounds: int = 2, forced: 
                    interpret=interpret)
 
 
-def _cut_kernel(m_gmem, cut_gmem, need_gmem, m_smem, cnt_smem, edge_smem, bars, *, rows, cap,
-                bins, rounds, forced, interpret):
+def _cut_kernel(m_gmem, cut_gmem, need_gmem, m_smem, bars, *, rows, cap, bins, rounds, forced,
+                interpret):
   """Program r: row r of the margins ([rows, 64] of the [R * rows, 64] view), in shared
   memory as [rows rounded up to 8, 64] with -1 (never passing) past its end."""
   from jax.experimental import pallas as pl
@@ -111,42 +104,24 @@ def _cut_kernel(m_gmem, cut_gmem, need_gmem, m_smem, cnt_smem, edge_smem, bars, 
   best = jnp.max(best)
   best_b = bcast(best)
 
-  # The rounds on [64, 64] tiles: row e holds edge e % bins and, for blocks of 64 // bins
-  # rows, margins [64] of one of the 64 // bins rows of m_smem broadcast along it; the
-  # counts add up per element and reduce once a round along the rows (within a quad of
-  # threads); the row sums and the edges go through shared memory and are read as scalars.
-  wg = plgpu.Layout.WGMMA
-  per = _TILE // bins  # margin rows (chunks of 64) per tile
-  erow = _mgpu.broadcasted_iota(jnp.int32, (_TILE, _COLS), 0, wg, interpret)
-  e_idx, sub = lax.rem(erow, bins), lax.div(erow, bins)
-  frac = (e_idx + 1).astype(jnp.float32) / jnp.float32(bins)
-  tile = lambda x: lax.broadcast_in_dim(x, (_TILE, _COLS), [1])
-  margin_row = lambda t: _mgpu.load_with_layout(m_smem.at[t], wg.reduce(0), interpret)
-  clamp = (lambda x: jnp.where(x >= 0.0, jnp.minimum(x, best), -1.0)) if forced else (
-      lambda x: jnp.where(x >= 0.0, x, -1.0))
-  zeros = _mgpu.layout_cast(jnp.full((_TILE, _COLS), 0.0, jnp.float32), wg, interpret)
-  n_tiles = m_smem.shape[0] // per
-
   lo, hi = jnp.float32(0.0), best
   for _ in range(rounds):
     # the edges, increasing, the last exactly hi: each used for its count and, if chosen,
     # as the cut itself (one value: the kept set is what was counted)
-    edges = jnp.where(e_idx == bins - 1, hi, lo + (hi - lo) * frac)
+    edges = [lo + (hi - lo) * (jnp.float32(j + 1) / bins) for j in range(bins - 1)] + [hi]
 
-    def count_pass(t, acc, edges=edges):
-      x = tile(clamp(margin_row(t * per)))
-      for i in range(1, per):
-        x = jnp.where(sub == i, tile(clamp(margin_row(t * per + i))), x)
-      return acc + jnp.where(x >= edges, 1.0, 0.0)
+    def count_pass(c, counts, edges=edges):
+      x = chunk(c)
+      v = jnp.where(x >= zero, jnp.minimum(x, best_b) if forced else x, full(-1.0))
+      return tuple(n + jnp.where(v >= bcast(e), one, zero) for n, e in zip(counts, edges))
 
-    acc = lax.fori_loop(0, n_tiles, count_pass, zeros)
-    cnt_smem[...] = acc.sum(axis=1)
-    edge_smem[...] = edges.max(axis=1)
-    counts = [sum(cnt_smem[i * bins + e] for i in range(per)) for e in range(bins)]
+    counts = lax.fori_loop(0, n_chunks, count_pass, (zero,) * bins)
+    counts = [jnp.sum(n) for n in counts]
     # counts fall along the edges: the first edge that holds is the number that do not
     j = functools.reduce(jnp.add, [jnp.where(n > cap, 1, 0) for n in counts])
-    new_hi = edge_smem[jnp.minimum(j, bins - 1)]
-    new_lo = edge_smem[jnp.maximum(j - 1, 0)]
+    pick = lambda i: functools.reduce(
+        lambda acc, ke: jnp.where(i == ke[0], ke[1], acc), enumerate(edges), jnp.float32(0.0))
+    new_hi, new_lo = pick(j), pick(j - 1)
     lo = jnp.where((j < bins) & (j > 0), new_lo, lo)
     hi = jnp.where(j < bins, new_hi, hi)
   cut_gmem[r] = jnp.where(needed > cap, hi, 0.0)
@@ -173,7 +148,6 @@ def _cut_mgpu(margin, *, cap, bins, rounds, forced, interpret):
       grid_names=("p",),
       kernel_name="alaya_top_cut",
       scratch_types=[plgpu.SMEM((-(-rows // _CHUNK_ROWS) * _CHUNK_ROWS, _COLS), jnp.float32),
-                     plgpu.SMEM((_TILE,), jnp.float32), plgpu.SMEM((_TILE,), jnp.float32),
                      plgpu.Barrier(num_barriers=-(-rows // _BOX_ROWS))],
       **kw,
   )(m.reshape(R * rows, _COLS))
