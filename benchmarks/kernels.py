@@ -45,6 +45,7 @@ from gpu_trace import kernel_events  # noqa: E402
 H, K, D, P = 32, 8, 128, 32
 FULL_IMPL = "cudnn" if jax.default_backend() == "gpu" else None
 PATHS: set[str] = set()  # --paths: measure only these (empty: all)
+TUNE_MARGINS = False  # --tune-margins: sweep the margins kernel's config
 G = H // K
 DT = jnp.bfloat16
 
@@ -363,11 +364,11 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
       args = [(q, ml, thr, *lay[c][:3], cent16[c]) for (q, ml, thr, _, _, c) in per]
       return layered(one), args
 
-    def select(impl, cname, margins_only):
+    def select(impl, cname, margins_only, config=ss.ScoreSelectConfig()):
       def one(q, ml, cent):
         thr = ss._thresholds(ml, 0.0, 0.0)
         if impl == "pallas":
-          m = ss.block_margins_mgpu(q, cent, nb, thr)
+          m = ss.block_margins_mgpu(q, cent, nb, thr, config=config)
         else:
           m = ss.block_margins_reference(q, cent, nb, thr)
         if margins_only:
@@ -412,6 +413,18 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
     c_bytes = {name: c[0].nbytes for name, c in cents.items()}
     timed("margins_pallas_bf16", select("pallas", "bf16", True), c_bytes["bf16"])
     timed("margins_pallas_fp8", select("pallas", "fp8", True), c_bytes["fp8"])
+    if TUNE_MARGINS and frac == fracs[0]:  # the margins kernel's knobs (the default first)
+      n_tiles = -(-n // 64)
+      default = ss.default_tiles_per_program(n_tiles, b * K)
+      for cname in ("bf16", "fp8"):
+        for tiles in (1, 2, 4, 8, 16, 32, 64):
+          for sif in (2, 3, 4, 6):
+            if n_tiles % tiles or sif > tiles and sif != 2:
+              continue
+            timed(f"margins_pallas_{cname}_tuned",
+                  select("pallas", cname, True, ss.ScoreSelectConfig(tiles, sif)),
+                  c_bytes[cname], tiles_per_program=tiles, steps_in_flight=sif,
+                  default_tiles_per_program=default)
     timed("score_select_pallas_bf16", select("pallas", "bf16", False), c_bytes["bf16"])
     timed("score_select_xla_f32", select("xla", "f32", False), c_bytes["f32"])
     cfg = best[1] if best else ga.GatheredAttentionConfig()
@@ -536,6 +549,8 @@ def main():
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--tune", action="store_true", help="sweep the attention kernel's knobs")
+  ap.add_argument("--tune-margins", action="store_true",
+                  help="sweep the margins kernel's tiles_per_program / steps_in_flight")
   ap.add_argument("--sweep", action="store_true", help="latency/bandwidth sweep at 1M")
   ap.add_argument("--profile", action="store_true", help="per-kernel GPU times at 1M, 2%%")
   ap.add_argument("--max-gb", type=float, default=24.0, help="memory for layer copies")
@@ -543,6 +558,8 @@ def main():
   ap.add_argument("--paths", default="", help="comma-separated paths to measure (default all)")
   args = ap.parse_args()
   PATHS.update(p for p in args.paths.split(",") if p)
+  global TUNE_MARGINS
+  TUNE_MARGINS = args.tune_margins
 
   dev = jax.devices()[0]
   meta = dict(jax=jax.__version__, device=dev.device_kind, platform=dev.platform,
