@@ -48,18 +48,21 @@ def random_kept(rng, cap: int):
 
 
 def timed(f, args):
-  """(GPU us per call of the attention kernel alone, GPU us per call of everything,
-  {name: GPU us per call} of the other kernels, the split merge's among them)."""
+  """(GPU us per call of the attention kernel alone, GPU us per call of everything (the sum of
+  kernel times), {name: GPU us per call} of the other kernels, the split merge's among them,
+  and the span: first kernel start to last kernel end over the REPS calls, per call (launch
+  gaps and overlap included, e.g. a dependent launch's))."""
   jax.block_until_ready(f(*args))
-  ev = kernel_events(f, *args)
+  ev = kernel_events(f, *args, starts=True)
   attn = lambda n: any(k in n for k in ("alaya_gathered", "alaya_select", "alaya_kept"))
-  kern = sum(t for n, t in ev if attn(n)) / REPS
-  tot = sum(t for _, t in ev) / REPS
+  kern = sum(t for n, t, _ in ev if attn(n)) / REPS
+  tot = sum(t for _, t, _ in ev) / REPS
+  span = (max(s + t for _, t, s in ev) - min(s for _, _, s in ev)) / REPS
   rest = {}
-  for n, t in ev:
+  for n, t, _ in ev:
     if not attn(n):  # the merge kernel (alaya_split_merge) among them
       rest[n[:60]] = rest.get(n[:60], 0.0) + t * 1e6 / REPS
-  return kern * 1e6, tot * 1e6, {n: round(t, 2) for n, t in rest.items()}
+  return kern * 1e6, tot * 1e6, {n: round(t, 2) for n, t in rest.items()}, span * 1e6
 
 
 def setup(script: str):
@@ -98,9 +101,10 @@ def count_cases(rng, caps, names=("full", "ragged")):
 
 def timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, **fields) -> dict:
   """`time_config` as a printed row: fields, the bandwidth figures, the other kernels."""
-  kern_us, call_us, rest = time_config(cfg, layer, qs, kept, cnt)
+  kern_us, call_us, rest, span_us = time_config(cfg, layer, qs, kept, cnt)
   r = dict(fields, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
-           **bandwidth(mb, kern_us, call_us, copy_tbps), other_kernels_us=rest)
+           **bandwidth(mb, kern_us, call_us, copy_tbps), span_us=round(span_us, 2),
+           span_vs_copy=round(mb / span_us / copy_tbps, 3), other_kernels_us=rest)
   print(json.dumps(r), flush=True)
   return r
 
@@ -148,11 +152,12 @@ def main():
     for chunk, sif in sorted({(old, 4), (new, 4), (new, 2)}):
       cfg = ga.GatheredAttentionConfig(blocks_per_program=chunk, steps_in_flight=sif)
 
-      kern_us, call_us, rest = time_config(cfg, layer, qs, kept, cnt)
+      kern_us, call_us, rest, span_us = time_config(cfg, layer, qs, kept, cnt)
       r = dict(cap=cap, MB=round(mb, 1), blocks_per_program=chunk, steps_in_flight=sif,
                programs=K * -(-cap // chunk), default=chunk == new and sif == 4,
                previous_default=chunk == old and sif == 4,
-               **bandwidth(mb, kern_us, call_us, copy_tbps), other_kernels_us=rest)
+               **bandwidth(mb, kern_us, call_us, copy_tbps), span_us=round(span_us, 2),
+               other_kernels_us=rest)
       rows.append(r)
       print(json.dumps(r), flush=True)
   finish(args.out, "kernel_waves", rows, (read_tbps, copy_tbps), plot)

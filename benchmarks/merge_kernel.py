@@ -11,8 +11,10 @@ kernel launched as a programmatic dependent of the attention kernel
 per `gathered_attention` call (one trace of 8 calls in a jit, every output returned): the
 attention kernel alone, the whole call, and the other kernels by name (the merge kernel
 `alaya_split_merge`, XLA's reduction `input_reduce_fusion`, the slice of the lse out of its
-broadcast). Bandwidth is the kept K+V bytes over the time, against the copy roofline measured
-in the same run; max_abs_diff compares o and lse with the XLA merge's.
+broadcast), and the span (first kernel start to last kernel end, per call: launch gaps
+included, and the overlap a dependent launch buys; the sum of kernel times leaves both out).
+Bandwidth is the kept K+V bytes over the time, against the copy roofline measured in the same
+run; max_abs_diff compares o and lse with the XLA merge's.
 Writes merge_kernel.json and merge_kernel.png.
 """
 from __future__ import annotations
