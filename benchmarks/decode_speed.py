@@ -30,7 +30,8 @@ from flax import nnx
 from tqdm import tqdm
 
 import alaya_jax as aj
-from alaya_jax.generate import _decode_loop, init_decode_loop, prefill, summarize_stats
+from alaya_jax.generate import (_decode_loop, calibration_queries, init_decode_loop, prefill,
+                                summarize_stats)
 from alaya_jax.model.config import LlamaConfig, llama3_8b_config
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
@@ -76,13 +77,31 @@ def read_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
     return reps * x.nbytes / float(np.median(ts))
 
 
+def calibration_prefill(model, cache, context: int, attention):
+    """(cache, queries): the last n = `calibration_queries(attention)` of the cache's `context`
+    positions prefilled through the model (random tokens) with their queries collected, for
+    the method to calibrate its index on, as after a prompt in `aj.generate`; (cache, None)
+    when the method takes none (or attention is None)."""
+    n_q = calibration_queries(attention) if attention is not None else 0
+    if not n_q:
+        return cache, None
+    batch = cache.lengths.shape[0]
+    ids = np.random.default_rng(2).integers(3, model.cfg.vocab_size, (batch, n_q))
+    _, cache, queries = prefill(model, ids.astype(np.int32), np.full((batch,), n_q), cache,
+                                start=context - n_q, chunk=n_q, collect_queries=n_q)
+    return cache, queries
+
+
 def time_decode(model, batch: int, context: int, steps: int, repeats: int, attention=None,
-                fill_cache=None, attention_stats: bool = True):
+                fill_cache=None, attention_stats: bool = True, calibrate: bool = False):
     """Median seconds per decode step at `context` cached tokens, batch `batch`.
 
     fill_cache(cache) may replace the random cache (e.g. keys with realistic structure); a
     stateful `attention` method builds its indexes over the cache before the timing (not
     timed). attention_stats=False times the loop without the method's statistics.
+    calibrate: the last n = `calibration_queries(attention)` positions are a real prefill
+    through the model (random tokens, on top of the filled cache) whose queries calibrate the
+    method's index, as `aj.generate` does after a prompt (no-op for a method without).
     Returns (seconds per step, attention stats or None)."""
     cfg = model.cfg
     max_len = -(-(context + steps * (repeats + 1) + 1) // 256) * 256
@@ -93,9 +112,10 @@ def time_decode(model, batch: int, context: int, steps: int, repeats: int, atten
                        lengths=jnp.full((batch,), context, jnp.int32))
     if fill_cache is not None:
         cache = fill_cache(cache)
+    cache, queries = calibration_prefill(model, cache, context, attention if calibrate else None)
     static, state, loop = init_decode_loop(model, cache, jnp.zeros((batch,), jnp.int32), steps,
                                            jax.random.PRNGKey(0), attention=attention,
-                                           attention_stats=attention_stats)
+                                           attention_stats=attention_stats, queries=queries)
     times = []
     for r in range(repeats + 1):  # the first run compiles; each run appends `steps` tokens
         loop = dict(loop, step=jnp.int32(0), done=jnp.zeros((batch,), bool))

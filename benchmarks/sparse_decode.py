@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_speed import SMOLLM2, random_model, time_decode  # noqa: E402
+from decode_speed import SMOLLM2, calibration_prefill, random_model, time_decode  # noqa: E402
 from kernels import kernel_times  # noqa: E402
 
 import alaya_jax as aj  # noqa: E402
@@ -115,14 +115,21 @@ def parse_method(spec: str):
 
 
 def parse_spec(spec: str):
-    """(method, attention_stats, config) of a method spec: "[:nostats]" before the end times it
-    without the statistics (`init_decode_loop(attention_stats=False)`); "@key=val+key=val" at
-    the end runs the Mosaic GPU path with those `SparseDecodeConfig` / `GatheredAttentionConfig`
-    fields (config None: the path's default), e.g. "dipr-auto:8:0.05:nostats@exact_kernel=0"."""
+    """(method, attention_stats, calibrate, config) of a method spec. Flags at its end, in
+    any order: ":nostats" times it without the statistics (`init_decode_loop(
+    attention_stats=False)`); ":calib" calibrates its index on the queries of a real prefill of
+    the context's last positions (`time_decode(calibrate=True)`, as `aj.generate` does after a
+    prompt; without it the index keeps its uncalibrated margin). "@key=val+key=val" at the
+    very end runs the Mosaic GPU path with those `SparseDecodeConfig` /
+    `GatheredAttentionConfig` fields (config None: the path's default), e.g.
+    "dipr-auto:8:0.05:nostats@exact_kernel=0"."""
     spec, _, over = spec.partition("@")
-    stats = not spec.endswith(":nostats")
-    method = parse_method(spec if stats else spec[:-len(":nostats")])
-    return method, stats, path_overrides(over.split("+") if over else [])
+    flags = set()
+    while spec.endswith((":nostats", ":calib")):
+        spec, _, flag = spec.rpartition(":")
+        flags.add(flag)
+    return (parse_method(spec), "nostats" not in flags, "calib" in flags,
+            path_overrides(over.split("+") if over else []))
 
 
 def path_overrides(items):
@@ -173,7 +180,8 @@ def main(argv=None):
                     help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas"
                          "[:compact][:onepass][:f32][:noprobe]] | "
                          "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | quest:PAGES; "
-                         "any sparse method[:nostats]: timed without its statistics; "
+                         "any sparse method[:nostats][:calib]: timed without its statistics / "
+                         "with its index calibrated on a real prefill's queries; "
                          "[@key=val+key=val]: Mosaic GPU path config fields")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")
@@ -190,14 +198,14 @@ def main(argv=None):
     model = random_model(cfg, jnp.bfloat16 if backend == "gpu" else jnp.float32)
     rows = []
     for spec in args.methods:
-        method, with_stats, path_cfg = parse_spec(spec)
+        method, with_stats, calib, path_cfg = parse_spec(spec)
         for ctx in args.contexts:
             t = time.perf_counter()
             try:
                 with path_config(path_cfg):
                     s, stats = time_decode(model, 1, ctx, args.steps, args.repeats,
                                            attention=method, fill_cache=structured_fill(ctx),
-                                           attention_stats=with_stats)
+                                           attention_stats=with_stats, calibrate=calib)
             except Exception as e:  # out of memory at the largest context, say
                 print(f"{spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -218,9 +226,9 @@ def main(argv=None):
             if not spec.startswith("dipr"):
                 continue
             try:
-                method, with_stats, path_cfg = parse_spec(spec)
+                method, with_stats, calib, path_cfg = parse_spec(spec)
                 with path_config(path_cfg):
-                    prof = profile_decode(model, ctx, args.steps, method, with_stats)
+                    prof = profile_decode(model, ctx, args.steps, method, with_stats, calib)
             except Exception as e:
                 print(f"profile {spec} @ {ctx}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue
@@ -242,7 +250,8 @@ def main(argv=None):
     plot(rows, meta, os.path.join(args.out, f"sparse_decode_{jax.default_backend()}.png"))
 
 
-def profile_decode(model, context: int, steps: int, method, attention_stats: bool = True) -> dict:
+def profile_decode(model, context: int, steps: int, method, attention_stats: bool = True,
+                   calibrate: bool = False) -> dict:
     """One decode call of `steps` steps under the profiler (after a compiling call): wall and
     GPU-kernel ms per step, kernel us per step by name, and the copies of arrays over 1 MB
     in the compiled loop (the index and cache must stay in place)."""
@@ -251,9 +260,10 @@ def profile_decode(model, context: int, steps: int, method, attention_stats: boo
     from alaya_jax.generate import _decode_loop, init_decode_loop
 
     cache = structured_cache(model, context, steps)
+    cache, queries = calibration_prefill(model, cache, context, method if calibrate else None)
     static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
                                            jax.random.PRNGKey(0), attention=method,
-                                           attention_stats=attention_stats)
+                                           attention_stats=attention_stats, queries=queries)
     del cache
     hlo = _decode_loop.lower(static, state, loop, jnp.int32(steps)).compile().as_text()
     copies = []
