@@ -26,8 +26,10 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from alaya_jax.pallas import exact_attention as ea  # noqa: E402
 from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas import score_select as ss  # noqa: E402
+from alaya_jax.pallas import top_cut as tc  # noqa: E402
 
 B, K, G, D, P, N, CAP = 1, 8, 4, 128, 32, 1024, 64
 CONFIGS = (ga.GatheredAttentionConfig(), ga.GatheredAttentionConfig(8, 2, 2),
@@ -88,6 +90,13 @@ def main():
         q, keys, keys, blen, kept, cnt, thr, impl="pallas", config=cfg)))
     cases.append(("select_attention", cfg, lambda cfg=cfg: ga.select_attention(
         q, keys, keys, blen, margin, cut, thr, impl="pallas", config=cfg)))
+  S = 4096  # the exact region's kernel reads the positional cache [B, S, K, D]
+  kc = jax.random.normal(key, (B, S, K, D), jnp.bfloat16)
+  at = lambda x: jnp.full((B,), x, jnp.int32)
+  cases.append(("exact_attention (tail 192)", None, lambda: ea.exact_attention(
+      q, kc, kc, at(S - 150), at(S), jnp.full((B, K * G), -1e30), sink=4, tail_size=192,
+      beta=8.0, keep_sink=4, keep_window=64, impl="pallas")))
+  cases.append(("top_cut", None, lambda: tc.top_cap_cut_mgpu(margin.reshape(B * K, N), CAP)))
   rows = []
   for name, cfg, fn in cases:
     row = dict(kernel=name, **({} if cfg is None else dict(
