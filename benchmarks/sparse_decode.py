@@ -137,15 +137,15 @@ def path_overrides(items):
     from alaya_jax.pallas import gathered_attention as ga
     from alaya_jax.pallas import sparse_decode as sd
 
-    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    dec_fields = {f.name for f in dataclasses.fields(sd.SparseDecodeConfig)}
+    att_fields = {f.name for f in dataclasses.fields(ga.GatheredAttentionConfig)}
     dec, att = {}, {}
     for item in items:
         key, _, val = item.partition("=")
-        if key not in fields(sd.SparseDecodeConfig) | fields(ga.GatheredAttentionConfig):
+        if key not in dec_fields | att_fields:
             raise SystemExit(f"unknown config field {key!r} in {item!r}")
         flag = val.lower() in ("0", "1", "true", "false")
-        (dec if key in fields(sd.SparseDecodeConfig) else att)[key] = (
-            val.lower() in ("1", "true")) if flag else val
+        (dec if key in dec_fields else att)[key] = (val.lower() in ("1", "true")) if flag else val
     if not dec and not att:
         return None
     cfg = sd.SparseDecodeConfig(**dec)
