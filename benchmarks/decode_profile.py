@@ -9,7 +9,8 @@ Each variant decodes `--steps` steps through the library's jitted decode loop (a
 `sparse_decode.py`, structured keys) after a compiling call; one more call runs under the
 profiler. Prints and writes, per variant and context, wall and GPU ms per step, kernel
 launches per step and every kernel's GPU us per step (kernels_<variant>_<context>.txt), and
-with --hlo the compiled HLO (to map fusion names to what they compute).
+with --hlo the compiled HLO (to map fusion names to what they compute); --calib calibrates
+the index on the queries of a real prefill of the context's last positions first.
 
 Variants: "base"; "nostats" (init_decode_loop(attention_stats=False)); and key=value sets of
 `SparseDecodeConfig` fields for the Mosaic GPU path (exact_kernel=0|1, cut_kernel=0|1,
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparse_decode as SD  # noqa: E402
-from decode_speed import random_model  # noqa: E402
+from decode_speed import calibration_prefill, random_model  # noqa: E402
 from gpu_trace import kernel_events  # noqa: E402
 
 from alaya_jax.generate import _decode_loop, init_decode_loop  # noqa: E402
@@ -46,12 +47,14 @@ def parse_variant(spec: str):
     return stats, SD.path_overrides([i for i in items if i not in ("base", "nostats")])
 
 
-def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None):
+def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None,
+            calibrate: bool = False):
     cache = SD.structured_cache(model, context, steps)
+    cache, queries = calibration_prefill(model, cache, context, method if calibrate else None)
     with SD.path_config(cfg):  # (clears jax's caches: the loop's key does not see the config)
         static, state, loop = init_decode_loop(model, cache, jnp.zeros((1,), jnp.int32), steps,
                                                jax.random.PRNGKey(0), attention=method,
-                                               attention_stats=stats)
+                                               attention_stats=stats, queries=queries)
         del cache
         if hlo_path:
             with open(hlo_path, "w") as f:
@@ -81,6 +84,8 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--variants", nargs="+", default=["base"])
     ap.add_argument("--hlo", action="store_true", help="also write the compiled HLO")
+    ap.add_argument("--calib", action="store_true",
+                    help="calibrate the index on a real prefill's queries (sparse_decode's :calib)")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
         raise SystemExit("decode_profile.py reads GPU kernel times: it needs an NVIDIA GPU")
@@ -95,7 +100,7 @@ def main():
         for ctx in args.contexts:
             tag = f"{variant.replace('=', '').replace('+', '_')}_{ctx}"
             hlo = os.path.join(args.out, f"hlo_{tag}.txt") if args.hlo else None
-            wall, tot, cnt = profile(model, method, ctx, args.steps, stats, cfg, hlo)
+            wall, tot, cnt = profile(model, method, ctx, args.steps, stats, cfg, hlo, args.calib)
             lines = [f"# {variant} @ {ctx}: wall {wall * 1e3:.3f} ms/step, GPU "
                      f"{sum(tot.values()) / 1e3:.3f} ms/step, launches "
                      f"{sum(cnt.values()):.1f}/step"]
