@@ -48,7 +48,7 @@ def parse_variant(spec: str):
 
 
 def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None,
-            calibrate: bool = False):
+            calibrate: bool = False, trace: bool = True):
     cache = SD.structured_cache(model, context, steps)
     cache, queries = calibration_prefill(model, cache, context, method if calibrate else None)
     with SD.path_config(cfg):  # (clears jax's caches: the loop's key does not see the config)
@@ -69,7 +69,7 @@ def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=
     jax.block_until_ready(loop)
     wall = (time.perf_counter() - t) / steps
     tot, cnt = collections.Counter(), collections.Counter()
-    for name, sec in kernel_events(run, loop):
+    for name, sec in (kernel_events(run, loop) if trace else ()):
         tot[name] += sec * 1e6 / steps
         cnt[name] += 1 / steps
     return wall, tot, cnt
@@ -86,6 +86,9 @@ def main():
     ap.add_argument("--hlo", action="store_true", help="also write the compiled HLO")
     ap.add_argument("--calib", action="store_true",
                     help="calibrate the index on a real prefill's queries (sparse_decode's :calib)")
+    ap.add_argument("--no-trace", action="store_true",
+                    help="no profiler trace (wall time only): for running under Nsight Compute, "
+                         "whose CUPTI session the jax profiler's would collide with")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
         raise SystemExit("decode_profile.py reads GPU kernel times: it needs an NVIDIA GPU")
@@ -100,7 +103,8 @@ def main():
         for ctx in args.contexts:
             tag = f"{variant.replace('=', '').replace('+', '_')}_{ctx}"
             hlo = os.path.join(args.out, f"hlo_{tag}.txt") if args.hlo else None
-            wall, tot, cnt = profile(model, method, ctx, args.steps, stats, cfg, hlo, args.calib)
+            wall, tot, cnt = profile(model, method, ctx, args.steps, stats, cfg, hlo, args.calib,
+                                     not args.no_trace)
             lines = [f"# {variant} @ {ctx}: wall {wall * 1e3:.3f} ms/step, GPU "
                      f"{sum(tot.values()) / 1e3:.3f} ms/step, launches "
                      f"{sum(cnt.values()):.1f}/step"]

@@ -137,15 +137,20 @@ def path_overrides(items):
     from alaya_jax.pallas import gathered_attention as ga
     from alaya_jax.pallas import sparse_decode as sd
 
-    dec_fields = {f.name for f in dataclasses.fields(sd.SparseDecodeConfig)}
-    att_fields = {f.name for f in dataclasses.fields(ga.GatheredAttentionConfig)}
+    dec_fields = {f.name: str(f.type) for f in dataclasses.fields(sd.SparseDecodeConfig)}
+    att_fields = {f.name: str(f.type) for f in dataclasses.fields(ga.GatheredAttentionConfig)}
     dec, att = {}, {}
     for item in items:
         key, _, val = item.partition("=")
-        if key not in dec_fields | att_fields:
+        kind = dec_fields.get(key) or att_fields.get(key)
+        if kind is None:
             raise SystemExit(f"unknown config field {key!r} in {item!r}")
-        flag = val.lower() in ("0", "1", "true", "false")
-        (dec if key in dec_fields else att)[key] = (val.lower() in ("1", "true")) if flag else val
+        try:  # by the field's annotation: "bool", "int | None", "str", ...
+            value = (val.lower() in ("1", "true") if kind.startswith("bool") else
+                     int(val) if kind.startswith("int") else val)
+        except ValueError:
+            raise SystemExit(f"{item!r}: {key} takes {kind}") from None
+        (dec if key in dec_fields else att)[key] = value
     if not dec and not att:
         return None
     cfg = sd.SparseDecodeConfig(**dec)
