@@ -48,7 +48,7 @@ def parse_variant(spec: str):
 
 
 def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=None,
-            calibrate: bool = False, trace: bool = True):
+            calibrate: bool = False, trace: bool = True, timeline_path=None):
     cache = SD.structured_cache(model, context, steps)
     cache, queries = calibration_prefill(model, cache, context, method if calibrate else None)
     with SD.path_config(cfg):  # (clears jax's caches: the loop's key does not see the config)
@@ -69,9 +69,21 @@ def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=
     jax.block_until_ready(loop)
     wall = (time.perf_counter() - t) / steps
     tot, cnt = collections.Counter(), collections.Counter()
-    for name, sec in (kernel_events(run, loop) if trace else ()):
+    events = sorted(kernel_events(run, loop, starts=True) if trace else (), key=lambda e: e[2])
+    for name, sec, _ in events:
         tot[name] += sec * 1e6 / steps
         cnt[name] += 1 / steps
+    if timeline_path and events:  # the last step's kernels: start, end and gap before each
+        per_step = round(len(events) / steps)
+        t0, prev_end = events[-per_step][2], None
+        with open(timeline_path, "w") as f:
+            f.write("# start_us end_us gap_us name (the last step; gap: start - the previous "
+                    "kernel's end, negative where they overlap)\n")
+            for name, sec, start in events[-per_step:]:
+                gap = 0.0 if prev_end is None else (start - prev_end) * 1e6
+                f.write(f"{(start - t0) * 1e6:9.2f} {(start + sec - t0) * 1e6:9.2f} "
+                        f"{gap:7.2f} {name}\n")
+                prev_end = start + sec
     return wall, tot, cnt
 
 
@@ -86,6 +98,10 @@ def main():
     ap.add_argument("--hlo", action="store_true", help="also write the compiled HLO")
     ap.add_argument("--calib", action="store_true",
                     help="calibrate the index on a real prefill's queries (sparse_decode's :calib)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also write the last step's kernels in order with their start, end "
+                         "and the gap before each (timeline_<variant>_<context>.txt): shows "
+                         "launch gaps and where a dependent launch overlaps")
     ap.add_argument("--no-trace", action="store_true",
                     help="no profiler trace (wall time only): for running under Nsight Compute, "
                          "whose CUPTI session the jax profiler's would collide with")
@@ -103,8 +119,10 @@ def main():
         for ctx in args.contexts:
             tag = f"{variant.replace('=', '').replace('+', '_')}_{ctx}"
             hlo = os.path.join(args.out, f"hlo_{tag}.txt") if args.hlo else None
+            timeline = (os.path.join(args.out, f"timeline_{tag}.txt") if args.timeline
+                        else None)
             wall, tot, cnt = profile(model, method, ctx, args.steps, stats, cfg, hlo, args.calib,
-                                     not args.no_trace)
+                                     not args.no_trace, timeline)
             lines = [f"# {variant} @ {ctx}: wall {wall * 1e3:.3f} ms/step, GPU "
                      f"{sum(tot.values()) / 1e3:.3f} ms/step, launches "
                      f"{sum(cnt.values()):.1f}/step"]
