@@ -103,8 +103,7 @@ def timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, **fields) -> dict:
   """`time_config` as a printed row: fields, the bandwidth figures, the other kernels."""
   kern_us, call_us, rest, span_us = time_config(cfg, layer, qs, kept, cnt)
   r = dict(fields, kept_blocks=int(cnt.sum()), MB=round(mb, 1),
-           **bandwidth(mb, kern_us, call_us, copy_tbps), span_us=round(span_us, 2),
-           span_vs_copy=round(mb / span_us / copy_tbps, 3), other_kernels_us=rest)
+           **bandwidth(mb, kern_us, call_us, copy_tbps, span_us), other_kernels_us=rest)
   print(json.dumps(r), flush=True)
   return r
 
@@ -117,12 +116,16 @@ def finish(out: str, name: str, rows, rooflines, plot_fn):
   plot_fn(rows, meta, os.path.join(out, name + ".png"))
 
 
-def bandwidth(mb: float, kern_us: float, call_us: float, copy_tbps: float) -> dict:
-  """The row fields of a kept selection of `mb` MB read by the kernel / the whole call."""
+def bandwidth(mb: float, kern_us: float, call_us: float, copy_tbps: float,
+              span_us: float) -> dict:
+  """The row fields of a kept selection of `mb` MB read by the kernel / the whole call (the
+  sum of its kernel times, and its span)."""
   return dict(kernel_us=round(kern_us, 2), call_us=round(call_us, 2),
+              span_us=round(span_us, 2),
               kernel_TBps=round(mb / kern_us, 3), call_TBps=round(mb / call_us, 3),
               kernel_vs_copy=round(mb / kern_us / copy_tbps, 3),
-              call_vs_copy=round(mb / call_us / copy_tbps, 3))
+              call_vs_copy=round(mb / call_us / copy_tbps, 3),
+              span_vs_copy=round(mb / span_us / copy_tbps, 3))
 
 
 def parse_caps(default, extra=None):
@@ -156,8 +159,7 @@ def main():
       r = dict(cap=cap, MB=round(mb, 1), blocks_per_program=chunk, steps_in_flight=sif,
                programs=K * -(-cap // chunk), default=chunk == new and sif == 4,
                previous_default=chunk == old and sif == 4,
-               **bandwidth(mb, kern_us, call_us, copy_tbps), span_us=round(span_us, 2),
-               other_kernels_us=rest)
+               **bandwidth(mb, kern_us, call_us, copy_tbps, span_us), other_kernels_us=rest)
       rows.append(r)
       print(json.dumps(r), flush=True)
   finish(args.out, "kernel_waves", rows, (read_tbps, copy_tbps), plot)

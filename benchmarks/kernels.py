@@ -45,7 +45,6 @@ from gpu_trace import kernel_events  # noqa: E402
 H, K, D, P = 32, 8, 128, 32
 FULL_IMPL = "cudnn" if jax.default_backend() == "gpu" else None
 PATHS: set[str] = set()  # --paths: measure only these (empty: all)
-TUNE_MARGINS = False  # --tune-margins: sweep the margins kernel's config
 G = H // K
 DT = jnp.bfloat16
 
@@ -292,7 +291,8 @@ def check(interpret: bool):
 # ----------------------------------------------------------------------------- bench
 
 
-def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=True):
+def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=True,
+               tune_margins=False):
   n = ctx // P
   log(f"--- batch {b} context {ctx} ({n} blocks/head), {copies} layer copies")
   key = jax.random.key(ctx + b)
@@ -413,7 +413,7 @@ def run_config(b, ctx, fracs, layers, reps, copies, tune, results, cudnn_std=Tru
     c_bytes = {name: c[0].nbytes for name, c in cents.items()}
     timed("margins_pallas_bf16", select("pallas", "bf16", True), c_bytes["bf16"])
     timed("margins_pallas_fp8", select("pallas", "fp8", True), c_bytes["fp8"])
-    if TUNE_MARGINS and frac == fracs[0]:  # the margins kernel's knobs (the default first)
+    if tune_margins and frac == fracs[0]:  # the margins kernel's knobs (the default first)
       n_tiles = -(-n // 64)
       default = ss.default_tiles_per_program(n_tiles, b * K)
       for cname in ("bf16", "fp8"):
@@ -558,8 +558,6 @@ def main():
   ap.add_argument("--paths", default="", help="comma-separated paths to measure (default all)")
   args = ap.parse_args()
   PATHS.update(p for p in args.paths.split(",") if p)
-  global TUNE_MARGINS
-  TUNE_MARGINS = args.tune_margins
 
   dev = jax.devices()[0]
   meta = dict(jax=jax.__version__, device=dev.device_kind, platform=dev.platform,
@@ -603,7 +601,8 @@ def main():
       copies = 4 if copies >= 4 else (2 if copies >= 2 else 1)  # divides --layers
       try:
         run_config(b, ctx, fracs, args.layers, args.reps, copies,
-                   args.tune and ctx == 1 << 20 and b == 1, results)
+                   args.tune and ctx == 1 << 20 and b == 1, results,
+                   tune_margins=args.tune_margins)
       except Exception as e:
         traceback.print_exc()
         results.append(dict(batch=b, context=ctx, error=f"{type(e).__name__}: {str(e)[:2000]}"))
