@@ -7,6 +7,8 @@ layer (the best and count, per round the edges, the counts, the first edge that 
 update; ~12-15 us a layer at 128K, 8B shapes, H200). Here one program per row loads the
 row into shared memory (TMA, boxes of up to 256 rows of 64) and runs every pass out of it:
 each thread keeps its share of the counts of every edge in registers, reduced once a round.
+When every passing block fits the capacity (a calibrated index, mostly) the rounds are skipped:
+one pass over the row, cut 0.
 
 Same semantics as `top_cap_cut` (see there): returns (cut [R] f32, needed [R] int32); the kept
 set is margin >= cut. The grid's edges are computed once and used both for the counts and
@@ -104,28 +106,35 @@ def _cut_kernel(m_gmem, cut_gmem, need_gmem, m_smem, bars, *, rows, cap, bins, r
   best = jnp.max(best)
   best_b = bcast(best)
 
-  lo, hi = jnp.float32(0.0), best
-  for _ in range(rounds):
-    # the edges, increasing, the last exactly hi: each used for its count and, if chosen,
-    # as the cut itself (one value: the kept set is what was counted)
-    edges = [lo + (hi - lo) * (jnp.float32(j + 1) / bins) for j in range(bins - 1)] + [hi]
-
-    def count_pass(c, counts, edges=edges):
-      x = chunk(c)
-      v = jnp.where(x >= zero, jnp.minimum(x, best_b) if forced else x, full(-1.0))
-      return tuple(n + jnp.where(v >= bcast(e), one, zero) for n, e in zip(counts, edges))
-
-    counts = lax.fori_loop(0, n_chunks, count_pass, (zero,) * bins)
-    counts = [jnp.sum(n) for n in counts]
-    # counts fall along the edges: the first edge that holds is the number that do not
-    j = functools.reduce(jnp.add, [jnp.where(n > cap, 1, 0) for n in counts])
-    pick = lambda i: functools.reduce(
-        lambda acc, ke: jnp.where(i == ke[0], ke[1], acc), enumerate(edges), jnp.float32(0.0))
-    new_hi, new_lo = pick(j), pick(j - 1)
-    lo = jnp.where((j < bins) & (j > 0), new_lo, lo)
-    hi = jnp.where(j < bins, new_hi, hi)
-  cut_gmem[r] = jnp.where(needed > cap, hi, 0.0)
   need_gmem[r] = needed
+
+  @pl.when(needed <= cap)  # everything passing fits: no rounds, cut 0
+  def _():
+    cut_gmem[r] = jnp.float32(0.0)
+
+  @pl.when(needed > cap)
+  def _():
+    lo, hi = jnp.float32(0.0), best
+    for _ in range(rounds):
+      # the edges, increasing, the last exactly hi: each used for its count and, if chosen,
+      # as the cut itself (one value: the kept set is what was counted)
+      edges = [lo + (hi - lo) * (jnp.float32(j + 1) / bins) for j in range(bins - 1)] + [hi]
+
+      def count_pass(c, counts, edges=edges):
+        x = chunk(c)
+        v = jnp.where(x >= zero, jnp.minimum(x, best_b) if forced else x, full(-1.0))
+        return tuple(n + jnp.where(v >= bcast(e), one, zero) for n, e in zip(counts, edges))
+
+      counts = lax.fori_loop(0, n_chunks, count_pass, (zero,) * bins)
+      counts = [jnp.sum(n) for n in counts]
+      # counts fall along the edges: the first edge that holds is the number that do not
+      j = functools.reduce(jnp.add, [jnp.where(n > cap, 1, 0) for n in counts])
+      pick = lambda i: functools.reduce(
+          lambda acc, ke: jnp.where(i == ke[0], ke[1], acc), enumerate(edges), jnp.float32(0.0))
+      new_hi, new_lo = pick(j), pick(j - 1)
+      lo = jnp.where((j < bins) & (j > 0), new_lo, lo)
+      hi = jnp.where(j < bins, new_hi, hi)
+    cut_gmem[r] = hi
 
 
 @functools.partial(jax.jit, static_argnames=("cap", "bins", "rounds", "forced", "interpret"))
