@@ -53,14 +53,30 @@ def gathered(kept_tokens: int, bpp, sif: int):
   return f, (q, keys, values, blen, kept, cnt, thr), desc
 
 
+def even_kept(blocks: int, kept: int) -> np.ndarray:
+  """[blocks] bool: `kept` blocks spread so that every program of `select_attention` (program s
+  scans blocks s, s + S, s + 2S, ...) finds floor or ceil of kept / S of them."""
+  chunk, splits = ga._ranges(blocks, B * K, ga.GatheredAttentionConfig(), True)
+  keep = np.zeros(blocks, bool)
+  for s in range(splits):
+    mine = np.arange(s, blocks, splits)
+    n = kept // splits + (s < kept % splits)
+    keep[mine[np.linspace(0, len(mine) - 1, n).astype(int)] if n else []] = True
+  return keep
+
+
 def decode_layer_kernel(kernel: str, blocks: int, kept: int, tail: int, context: int = CONTEXT,
-                        interpret: bool = False):
+                        interpret: bool = False, even: bool = False):
   """(jitted call, args, description) of one kernel of a decode layer's sparse chain;
-  interpret=True runs it in the CPU interpreter (a smoke test of the workload)."""
+  interpret=True runs it in the CPU interpreter (a smoke test of the workload); even: the
+  select workload's kept blocks spread evenly over its programs (`even_kept`) instead of
+  uniformly at random, to tell the programs' imbalance apart from their per-block cost."""
   rng = jax.random.split(jax.random.key(3), 4)
   q = jax.random.normal(rng[0], (B, H, D), jnp.bfloat16)
   # margins with exactly `kept` blocks a kv head at or above the cut 0
   order = jax.vmap(lambda r: jax.random.permutation(r, blocks))(jax.random.split(rng[1], B * K))
+  if even:
+    order = jnp.where(jnp.asarray(even_kept(blocks, kept)), 0, kept + 1) + jnp.zeros_like(order)
   margin = jnp.where(order < kept, 1.0 + order, -1.0 - order).astype(jnp.float32)
   margin = margin.reshape(B, K, blocks)
   if kernel == "select":
@@ -70,7 +86,8 @@ def decode_layer_kernel(kernel: str, blocks: int, kept: int, tail: int, context:
     thr = jnp.full((B, H), -1e30, jnp.float32)
     f = jax.jit(lambda *a: ga.select_attention(*a, impl="pallas", interpret=interpret))
     return (f, (q, keys, vals, blen, margin, jnp.zeros((B, K), jnp.float32), thr),
-            f"select-attention: {kept} of {blocks} blocks a kv head")
+            f"select-attention: {kept} of {blocks} blocks a kv head"
+            + (", spread evenly over the programs" if even else ", uniformly at random"))
   if kernel == "cut":
     f = jax.jit(lambda m: tc.top_cap_cut_mgpu(m, kept, forced=False, interpret=interpret))
     over = jnp.where(order < 4 * kept, 1.0 + order, -1.0 - order).astype(jnp.float32)
@@ -103,12 +120,14 @@ def main():
   ap.add_argument("--kept", type=int, default=205, help="kept blocks a kv head (5%%)")
   ap.add_argument("--tail", type=int, default=192, help="exact region's tail slots")
   ap.add_argument("--context", type=int, default=CONTEXT, help="exact: the cache's tokens")
+  ap.add_argument("--even", action="store_true",
+                  help="select: the kept blocks spread evenly over the kernel's programs")
   ap.add_argument("--interpret", action="store_true",
                   help="--kernel in the CPU interpreter (a smoke test with small sizes)")
   args = ap.parse_args()
   if args.kernel:
     f, fargs, desc = decode_layer_kernel(args.kernel, args.blocks, args.kept, args.tail,
-                                         args.context, args.interpret)
+                                         args.context, args.interpret, args.even)
   elif args.kept_tokens:
     f, fargs, desc = gathered(args.kept_tokens, args.bpp or None, args.sif)
   else:
