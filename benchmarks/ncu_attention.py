@@ -66,11 +66,14 @@ def even_kept(blocks: int, kept: int) -> np.ndarray:
 
 
 def decode_layer_kernel(kernel: str, blocks: int, kept: int, tail: int, context: int = CONTEXT,
-                        interpret: bool = False, even: bool = False):
+                        interpret: bool = False, even: bool = False, bpp: int | None = None,
+                        sif: int = 4, bins: int = 32, rounds: int = 2, over: float = 4.0):
   """(jitted call, args, description) of one kernel of a decode layer's sparse chain;
   interpret=True runs it in the CPU interpreter (a smoke test of the workload); even: the
   select workload's kept blocks spread evenly over its programs (`even_kept`) instead of
-  uniformly at random, to tell the programs' imbalance apart from their per-block cost."""
+  uniformly at random, to tell the programs' imbalance apart from their per-block cost.
+  bpp, sif: the select kernel's blocks a program and steps in flight; bins, rounds: the cut's
+  grid; over: the cut's margins passing, a multiple of its capacity (at most 1: the early exit)."""
   rng = jax.random.split(jax.random.key(3), 4)
   q = jax.random.normal(rng[0], (B, H, D), jnp.bfloat16)
   # margins with exactly `kept` blocks a kv head at or above the cut 0
@@ -84,16 +87,20 @@ def decode_layer_kernel(kernel: str, blocks: int, kept: int, tail: int, context:
     vals = jax.random.normal(rng[3], (B, K, blocks, P, D), jnp.bfloat16)
     blen = jnp.full((B, K, blocks), P, jnp.int32)
     thr = jnp.full((B, H), -1e30, jnp.float32)
-    f = jax.jit(lambda *a: ga.select_attention(*a, impl="pallas", interpret=interpret))
+    cfg = ga.GatheredAttentionConfig(blocks_per_program=bpp, steps_in_flight=sif)
+    f = jax.jit(lambda *a: ga.select_attention(*a, impl="pallas", interpret=interpret,
+                                               config=cfg))
     return (f, (q, keys, vals, blen, margin, jnp.zeros((B, K), jnp.float32), thr),
             f"select-attention: {kept} of {blocks} blocks a kv head"
             + (", spread evenly over the programs" if even else ", uniformly at random"))
   if kernel == "cut":
-    f = jax.jit(lambda m: tc.top_cap_cut_mgpu(m, kept, forced=False, interpret=interpret))
-    over = jnp.where(order < 4 * kept, 1.0 + order, -1.0 - order).astype(jnp.float32)
-    return f, (over.reshape(B * K, blocks),), (
-        f"cut: [{B * K}, {blocks}] margins at capacity {kept}, 4x that passing (the grid rounds"
-        " run, as in the capacity-bound benchmark)")
+    f = jax.jit(lambda m: tc.top_cap_cut_mgpu(m, kept, bins=bins, rounds=rounds, forced=False,
+                                              interpret=interpret))
+    passing = int(over * kept)
+    m = jnp.where(order < passing, 1.0 + order, -1.0 - order).astype(jnp.float32)
+    return f, (m.reshape(B * K, blocks),), (
+        f"cut: [{B * K}, {blocks}] margins at capacity {kept}, {passing} passing "
+        + (f"({rounds} rounds of {bins} bins)" if passing > kept else "(early exit)"))
   if kernel == "margins":
     cent = jax.random.normal(rng[2], (B, K, blocks, D), jnp.bfloat16)
     f = jax.jit(lambda q, c, t: ss.block_margins_mgpu(q, c, jnp.full((B, K), blocks, jnp.int32),
@@ -122,12 +129,22 @@ def main():
   ap.add_argument("--context", type=int, default=CONTEXT, help="exact: the cache's tokens")
   ap.add_argument("--even", action="store_true",
                   help="select: the kept blocks spread evenly over the kernel's programs")
+  ap.add_argument("--bpp", dest="sel_bpp", type=int, default=None,
+                  help="select: blocks a program")
+  ap.add_argument("--sif", dest="sel_sif", type=int, default=4, help="select: steps in flight")
+  ap.add_argument("--bins", type=int, default=32, help="cut: bins a round")
+  ap.add_argument("--rounds", type=int, default=2, help="cut: rounds")
+  ap.add_argument("--over", type=float, default=4.0,
+                  help="cut: passing margins, a multiple of the capacity (<= 1: early exit)")
+  ap.add_argument("--gpu", action="store_true",
+                  help="also the GPU time of each kernel of a call (profiler trace, best of 3)")
   ap.add_argument("--interpret", action="store_true",
                   help="--kernel in the CPU interpreter (a smoke test with small sizes)")
   args = ap.parse_args()
   if args.kernel:
     f, fargs, desc = decode_layer_kernel(args.kernel, args.blocks, args.kept, args.tail,
-                                         args.context, args.interpret, args.even)
+                                         args.context, args.interpret, args.even, args.sel_bpp,
+                                         args.sel_sif, args.bins, args.rounds, args.over)
   elif args.kept_tokens:
     f, fargs, desc = gathered(args.kept_tokens, args.bpp or None, args.sif)
   else:
@@ -138,7 +155,18 @@ def main():
   for _ in range(20):
     o = f(*fargs)
   jax.block_until_ready(o)
-  print(f"{desc}: {(time.perf_counter() - t) / 20 * 1e6:.1f} us a call (wall)")
+  line = f"{desc}: {(time.perf_counter() - t) / 20 * 1e6:.1f} us a call (wall)"
+  if args.gpu:  # wall time of a lone call is mostly dispatch: the kernels' own time
+    from gpu_trace import kernel_events
+    best = {}
+    for _ in range(3):
+      run = {}
+      for name, sec in kernel_events(f, *fargs):
+        run[name] = run.get(name, 0.0) + sec
+      best = {k: min(v, best.get(k, v)) for k, v in run.items()}
+    line += "; GPU " + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in
+                                 sorted(best.items(), key=lambda kv: -kv[1]))
+  print(line)
 
 
 if __name__ == "__main__":
