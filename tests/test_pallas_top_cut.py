@@ -32,7 +32,7 @@ def test_kernel_matches_the_xla_cut(n, forced):
   for cap in (1, 5, 37, n - 1, n):
     cut, needed = tc.top_cap_cut_mgpu(m, cap, forced=forced, interpret=INTERPRET)
     want_cut, want_needed = jax.jit(sd.top_cap_cut, static_argnums=(1, 2, 3, 4))(
-        m, cap, 32, 2, forced)
+        m, cap, tc.BINS, tc.ROUNDS, forced)
     np.testing.assert_array_equal(np.asarray(needed), np.asarray(want_needed))
     kept = np.asarray(m >= cut[:, None]).sum(-1)
     want_kept = np.asarray(m >= want_cut[:, None]).sum(-1)
@@ -43,20 +43,37 @@ def test_kernel_matches_the_xla_cut(n, forced):
       assert np.all((kept <= cap) | (want_kept > cap)), (cap, kept)
 
 
+@pytest.mark.parametrize("n", [300, 4096])
+def test_default_grid_has_the_xla_forms_levels(n):
+  """The kernel's default grid (4 bins, 5 rounds) and the XLA form's (32 bins, 2 rounds) are
+  the same 1024 levels over (0, best]: the same kept sets wherever no margin lies within
+  rounding of a level (random margins), and cuts equal up to that rounding."""
+  assert tc.BINS ** tc.ROUNDS == 32 ** 2
+  m = jnp.asarray(np.random.default_rng(n).normal(0, 2, (6, n)).astype(np.float32))
+  for cap in (1, 7, n // 20, n // 3):
+    cut, needed = tc.top_cap_cut_mgpu(m, cap, interpret=INTERPRET)
+    want_cut, want_needed = jax.jit(sd.top_cap_cut, static_argnums=(1, 2, 3, 4))(
+        m, cap, 32, 2, True)
+    np.testing.assert_array_equal(np.asarray(needed), np.asarray(want_needed))
+    np.testing.assert_allclose(np.asarray(cut), np.asarray(want_cut), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(m >= cut[:, None]).sum(-1),
+                                  np.asarray(m >= want_cut[:, None]).sum(-1), err_msg=f"{cap}")
+
+
 def test_rows_past_shared_memory_are_refused():
   assert tc.kernel_supports(tc.MAX_BLOCKS) is None
   assert "shared memory" in tc.kernel_supports(tc.MAX_BLOCKS + 1)
 
 
-@pytest.mark.parametrize("bins", [8, 16, 64])
-def test_other_grids_match_the_xla_cut(bins):
+@pytest.mark.parametrize("bins,rounds", [(8, 2), (16, 2), (64, 2), (32, 2), (2, 7)])
+def test_other_grids_match_the_xla_cut(bins, rounds):
   m = jnp.asarray(margins(700, seed=bins))
   for cap in (3, 100):
-    cut, needed = tc.top_cap_cut_mgpu(m, cap, bins=bins, interpret=INTERPRET)
+    cut, needed = tc.top_cap_cut_mgpu(m, cap, bins=bins, rounds=rounds, interpret=INTERPRET)
     want_cut, want_needed = jax.jit(sd.top_cap_cut, static_argnums=(1, 2, 3, 4))(
-        m, cap, bins, 2, True)
+        m, cap, bins, rounds, True)
     np.testing.assert_array_equal(np.asarray(needed), np.asarray(want_needed))
     kept = np.asarray(m >= cut[:, None]).sum(-1)
     want_kept = np.asarray(m >= want_cut[:, None]).sum(-1)
-    assert np.abs(kept - want_kept).max() <= (0 if INTERPRET else 3), (bins, cap)
+    assert np.abs(kept - want_kept).max() <= (0 if INTERPRET else 3), (bins, rounds, cap)
 
