@@ -248,3 +248,20 @@ def test_in_kernel_selection_cut_kernel_equals_the_xla_cut(data):
     want = _pallas_jit(q, store, plan, config=xla_cut, interpret=INTERPRET)
     assert (np.asarray(want[1].groups_needed) > np.asarray(want[1].groups_kept)).any()
     assert_same(got, want)
+
+
+def test_probe0_plans_take_the_margins_threshold_in_the_kernel(data):
+    """Probe 0 with the exact region's kernel: m' goes from that kernel straight into the
+    margins kernel (beta and delta subtracted there, no XLA threshold): the jnp path's answer
+    and stats for one_pass (a binding capacity, the index's per-head delta) and attend_read."""
+    q, store = data
+    for plan in (Plan.dipr(4.0, "cluster", sink=4, window=32, probe=0, capacity=12,
+                           one_pass=True),
+                 Plan.dipr(4.0, "cluster", sink=4, window=32, probe=0, delta=2.0,
+                           attend_read=True)):
+        jaxpr = str(jax.make_jaxpr(functools.partial(
+            sd.sparse_attention_pallas, plan=plan, config=BINS, interpret=INTERPRET))(q, store))
+        assert "alaya_block_margins" in jaxpr and "alaya_exact_attention" in jaxpr
+        o_ref, st_ref = sparse_attention_jit(q, store, dataclasses.replace(plan, impl="xla"))
+        assert_same(_pallas_jit(q, store, plan, config=BINS, interpret=INTERPRET),
+                    (o_ref, st_ref))

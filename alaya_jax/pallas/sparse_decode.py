@@ -323,12 +323,19 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
             q_c, store.k, store.v, idx.end, lengths, probe_max, sink=cfg.sink,
             tail_size=tail_size, beta=float("inf") if plan.attend_read else plan.beta,
             keep_sink=plan.sink, keep_window=plan.window, **kw)
-    thr = jnp.maximum(exact_max, probe_max) - plan.beta - jnp.asarray(delta, jnp.float32)  # [B,H]
-    if use_est:
-        margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
+    n_blocks = np.full((B, K), N, np.int32)
+    if exact_kernel and plan.probe == 0 and not use_est:
+        # m' straight from the exact region's kernel: the margins kernel subtracts beta and
+        # delta itself (max with the probe's MASK_VALUE is its floor), no XLA kernel between
+        margin = ss.block_margins_from_max(q, idx.centroid, n_blocks, exact_max, plan.beta,
+                                           delta, interpret=interpret)
     else:
-        margin = ss.block_margins_mgpu(q, idx.centroid, np.full((B, K), N, np.int32), thr,
-                                       interpret=interpret)
+        thr = (jnp.maximum(exact_max, probe_max) - plan.beta
+               - jnp.asarray(delta, jnp.float32))  # [B,H]
+        if use_est:
+            margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
+        else:
+            margin = ss.block_margins_mgpu(q, idx.centroid, n_blocks, thr, interpret=interpret)
     margin = jnp.where(nonempty, margin, MASK_VALUE)
     if force is not None:
         margin = jnp.where(force & nonempty, jnp.float32(_FORCED_MARGIN), margin)
@@ -339,14 +346,17 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     how = resolve_select(config.select, cap, N)
     in_kernel = config.in_kernel and how == "bins"
     if in_kernel:  # the kept set is margin >= cut: the kernels select their blocks themselves
-        # (from the margins in the order they read them, made with the block-order ones)
-        margin, margin_il = lax.optimization_barrier(
-            (margin, ga.interleave_margins(margin, config.attention)))
-        if config.cut_kernel and tc.kernel_supports(N) is None:
-            cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
+        # from the margins in the order they read them. The cut depends on the set of margins
+        # alone, so it is found on those too (their padding never passes): one XLA kernel
+        # between the margins and the cut, not two (the block-order margins are left to the
+        # statistics, dropped with them).
+        margin_il = lax.optimization_barrier(ga.interleave_margins(margin, config.attention))
+        M = margin_il.shape[-1]
+        if config.cut_kernel and tc.kernel_supports(M) is None:
+            cut, needed = tc.top_cap_cut_mgpu(margin_il.reshape(B * K, M), cap,
                                               forced=force is not None, interpret=interpret)
         else:
-            cut, needed = top_cap_cut(margin.reshape(B * K, N), cap, forced=force is not None)
+            cut, needed = top_cap_cut(margin_il.reshape(B * K, M), cap, forced=force is not None)
         cut, needed = cut.reshape(B, K), needed.reshape(B, K)
         keep = margin >= cut[..., None]
         kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
