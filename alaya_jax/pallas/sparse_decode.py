@@ -84,7 +84,8 @@ class SparseDecodeConfig:
     attention: the gathered-attention kernel's tuning.
     in_kernel: where the kept set is a cut on the margins (select "bins"), the attention
     kernel lists its blocks itself (`gathered_attention.select_attention`: no compaction
-    kernels before it); False compacts the kept list in XLA first.
+    kernels before it); False compacts the kept list in XLA first (with cut_kernel, from the
+    cut kernel's cut), which the attention kernel splits evenly over its programs.
     exact_kernel: for plans whose threshold the exact region can settle alone (one_pass,
     attend_read), its attention in one Mosaic GPU kernel (`exact_attention`: gather, scores,
     max, masks, softmax and P.V) where its shapes allow; False (or other plans) in XLA.
@@ -361,9 +362,21 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         keep = margin >= cut[..., None]
         kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
         keys_in_kept = jnp.sum(jnp.where(keep, idx.block_len, 0), -1)
+    elif how == "bins" and config.cut_kernel and tc.kernel_supports(N) is None:
+        # the cut kernel's cut, then the kept list compacted in XLA: the balanced attention
+        # kernel splits the kept entries evenly over its programs (the in-kernel selection's
+        # programs scan fixed ranges, whose kept counts vary: 0-8 of 64 blocks at 128K's 5%)
+        margin = lax.optimization_barrier(margin)
+        cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
+                                          forced=force is not None, interpret=interpret)
+        width = min(cap, N)
+        sel = ss.compact(jnp.where(margin >= cut.reshape(B, K, 1), 1.0, -1.0), width,
+                         -(-width // 4) * 4)
+        kept, kept_count, needed = sel.kept, sel.kept_count, needed.reshape(B, K)
     else:
         margin = lax.optimization_barrier(margin)
         kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
+    if not in_kernel:
         live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
         keys_in_kept = jnp.sum(jnp.where(live, jnp.take_along_axis(idx.block_len, kept, -1),
                                          0), -1)
