@@ -73,12 +73,14 @@ def profile(model, method, context: int, steps: int, stats: bool, cfg, hlo_path=
     for name, sec, _ in events:
         tot[name] += sec * 1e6 / steps
         cnt[name] += 1 / steps
-    if timeline_path and events:  # the last step's kernels: start, end and gap before each
+    if timeline_path and events:  # the last events/steps GPU events: about the last step
+        # (with the run's trailing copies); start, end and the gap before each
         per_step = round(len(events) / steps)
         t0, prev_end = events[-per_step][2], None
         with open(timeline_path, "w") as f:
-            f.write("# start_us end_us gap_us name (the last step; gap: start - the previous "
-                    "kernel's end, negative where they overlap)\n")
+            f.write("# start_us end_us gap_us name (the run's last events/steps GPU events: "
+                    "about the last step, with the run's trailing copies; gap: start - the "
+                    "previous kernel's end, negative where they overlap)\n")
             for name, sec, start in events[-per_step:]:
                 gap = 0.0 if prev_end is None else (start - prev_end) * 1e6
                 f.write(f"{(start - t0) * 1e6:9.2f} {(start + sec - t0) * 1e6:9.2f} "
