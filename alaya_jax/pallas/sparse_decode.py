@@ -253,9 +253,16 @@ def select_kept(margin, cap: int, how: str = "radix", forced: bool = True):
         keep, needed = top_cap_mask(margin.reshape(B * K, N), cap)
     else:
         keep, needed = top_cap_bins(margin.reshape(B * K, N), cap, forced=forced)
-    cap = min(cap, N)
-    sel = ss.compact(jnp.where(keep, 1.0, -1.0).reshape(B, K, N), cap, -(-cap // 4) * 4)
-    return sel.kept, sel.kept_count, needed.reshape(B, K)
+    kept, kept_count = compact_keep(keep.reshape(B, K, N), cap)
+    return kept, kept_count, needed.reshape(B, K)
+
+
+def compact_keep(keep, cap: int):
+    """keep [B, K, N] bool -> (kept [B, K, W], kept_count): the kept ids in block order, at most
+    cap; W = min(cap, N) rounded up to a multiple of 4 (entries past kept_count are 0)."""
+    cap = min(cap, keep.shape[-1])
+    sel = ss.compact(jnp.where(keep, 1.0, -1.0), cap, -(-cap // 4) * 4)
+    return sel.kept, sel.kept_count
 
 
 # ----------------------------------------------------------------------------- the path
@@ -362,21 +369,19 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         keep = margin >= cut[..., None]
         kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
         keys_in_kept = jnp.sum(jnp.where(keep, idx.block_len, 0), -1)
-    elif how == "bins" and config.cut_kernel and tc.kernel_supports(N) is None:
-        # the cut kernel's cut, then the kept list compacted in XLA: the balanced attention
-        # kernel splits the kept entries evenly over its programs (the in-kernel selection's
-        # programs scan fixed ranges, whose kept counts vary: 0-8 of 64 blocks at 128K's 5%)
-        margin = lax.optimization_barrier(margin)
-        cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
-                                          forced=force is not None, interpret=interpret)
-        width = min(cap, N)
-        sel = ss.compact(jnp.where(margin >= cut.reshape(B, K, 1), 1.0, -1.0), width,
-                         -(-width // 4) * 4)
-        kept, kept_count, needed = sel.kept, sel.kept_count, needed.reshape(B, K)
     else:
         margin = lax.optimization_barrier(margin)
-        kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
-    if not in_kernel:
+        if how == "bins" and config.cut_kernel and tc.kernel_supports(N) is None:
+            # the cut kernel's cut, then the kept list compacted in XLA: the balanced attention
+            # kernel splits the kept entries evenly over its programs (the in-kernel
+            # selection's programs scan fixed ranges, whose kept counts vary: 0-8 of 64 blocks
+            # at 128K's 5%)
+            cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
+                                              forced=force is not None, interpret=interpret)
+            kept, kept_count = compact_keep(margin >= cut.reshape(B, K, 1), cap)
+            needed = needed.reshape(B, K)
+        else:
+            kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
         live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
         keys_in_kept = jnp.sum(jnp.where(live, jnp.take_along_axis(idx.block_len, kept, -1),
                                          0), -1)
