@@ -100,12 +100,11 @@ def main():
     plot(windows, args.out + ".png")
     meta = dict(device=args.device, note=args.note, command="python " + " ".join(sys.argv),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    write_json(os.path.dirname(args.out) or ".", os.path.basename(args.out), meta,
-               [dict(label=label, **summary(w)) for label, w in windows])
-    for label, w in windows:
-        s = summary(w)
-        print(f"{label}: {s['span_us']} us, margins start - exact end "
-              f"{s['margins_start_minus_exact_end_us']} us")
+    rows = [dict(label=label, **summary(w)) for label, w in windows]
+    write_json(os.path.dirname(args.out) or ".", os.path.basename(args.out), meta, rows)
+    for r in rows:
+        print(f"{r['label']}: {r['span_us']} us, margins start - exact end "
+              f"{r['margins_start_minus_exact_end_us']} us")
 
 
 if __name__ == "__main__":
