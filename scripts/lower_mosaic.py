@@ -70,6 +70,11 @@ def cases(quick: bool):
     yield (f"block_margins g={g} d={d}",
            lambda q, c, t: ss.block_margins_mgpu(q, c, jnp.full((B, K), N, jnp.int32), t),
            (q, S((B, K, N, d), jnp.bfloat16), thr))
+    if (K * g) % 4 == 0:
+      yield (f"block_margins_from_max g={g} d={d}",
+             lambda q, c, t, dl: ss.block_margins_from_max(
+                 q, c, jnp.full((B, K), N, jnp.int32), t, 8.0, dl),
+             (q, S((B, K, N, d), jnp.bfloat16), thr, S((K * g,), jnp.float32)))
     if g % 4 == 0:
       for tail in (192, 40):
         cache = S((B, 1024, K, d), jnp.bfloat16)

@@ -208,3 +208,34 @@ def test_quest_reference_bound_and_kernel():
                              rtol=tol, atol=tol)
   if not ON_GPU:
     np.testing.assert_array_equal(sel.kept, ref.kept)
+
+
+@pytest.mark.parametrize("k,g,tiles", [(2, 4, 2), (3, 3, None), (2, 8, 1)])
+def test_margins_from_max_subtract_beta_and_delta_in_the_kernel(k, g, tiles):
+  """`block_margins_from_max` (m_lower straight from the kernel before it; beta and the
+  per-head delta subtracted in the kernel) against the reference at m_lower - beta - delta:
+  per-head deltas, a head whose m_lower is below MASK_VALUE (floored), ragged n_blocks, N not a
+  multiple of 64; H = 9 takes the XLA threshold (delta's copy needs H % 4 == 0)."""
+  q, cent, m_lower = make(b=2, k=k, g=g, n=200, d=64, seed=7)
+  q = bf16_exact(q)
+  cent = cent.astype(jnp.bfloat16)
+  h = k * g
+  m_lower = m_lower.at[1, 0].set(-jnp.inf)
+  delta = jnp.asarray(np.random.default_rng(8).uniform(0, 2, (h,)), jnp.float32)
+  nb = jnp.array([[200, 0, 70][:k], [65, 131, 1][:k]], jnp.int32)
+  got = ss.block_margins_from_max(q, cent, nb, m_lower, 1.5, delta, interpret=INTERPRET,
+                                  config=ss.ScoreSelectConfig(tiles_per_program=tiles))
+  want = ss.block_margins_reference(
+      q, cent, nb, jnp.maximum(m_lower, MASK_VALUE) - 1.5 - delta[None])
+  valid = np.asarray(want) > MASK_VALUE / 2
+  assert valid.any() and (~valid).any()
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=1e-5,
+                             atol=1e-5)
+  assert np.all(np.asarray(got)[~valid] == MASK_VALUE)
+
+
+def test_margins_from_max_reject_a_wrong_shape():
+  q, cent, m_lower = make(b=1, k=2, g=4, n=64, d=64)
+  with pytest.raises(ss.ShapeError, match="m_lower"):
+    ss.block_margins_from_max(q, cent, jnp.array([[64, 64]], jnp.int32), m_lower[:, :4], 1.0,
+                              0.0, interpret=INTERPRET)

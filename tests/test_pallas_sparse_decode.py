@@ -128,16 +128,22 @@ def test_gqa1_margins_kernel_none_and_all_kept(data):
 def test_in_kernel_selection_equals_the_compacted_list(data):
     """select="bins": the attention kernel selecting its blocks against the cut (in_kernel)
     answers as the compaction path on the same set (a truncating capacity with the probe's
-    forced blocks; the keys-only threshold pass; the remainder over the unread blocks), and
-    as the jnp path where no capacity binds (one_pass)."""
+    forced blocks; the keys-only threshold pass; the remainder over the unread blocks), whose
+    cut from the cut kernel equals the XLA cut's, and as the jnp path where no capacity binds
+    (one_pass)."""
     q, store = data
     inside = BINS
-    compacted = dataclasses.replace(inside, in_kernel=False)
+    compacted = dataclasses.replace(inside, in_kernel=False)  # the cut kernel's cut
+    xla_cut = dataclasses.replace(compacted, cut_kernel=False)  # the cut in XLA
     base = dataclasses.replace(RAGGED_PLAN, remainder=True)
     got = _pallas_jit(q, store, base, config=inside, interpret=INTERPRET)
     want = _pallas_jit(q, store, base, config=compacted, interpret=INTERPRET)
     assert (np.asarray(want[1].groups_needed) > np.asarray(want[1].groups_kept)).any()
     assert_same(got, want)
+    assert_same(want, _pallas_jit(q, store, base, config=xla_cut, interpret=INTERPRET))
+    jaxpr = str(jax.make_jaxpr(functools.partial(
+        sd.sparse_attention_pallas, plan=base, config=compacted, interpret=INTERPRET))(q, store))
+    assert "alaya_top_cut" in jaxpr and "alaya_select_attention" not in jaxpr
     plan = dataclasses.replace(base, capacity=None, delta=2.0, remainder=False, one_pass=True)
     got = _pallas_jit(q, store, plan, config=inside, interpret=INTERPRET)
     assert_same(got, sparse_attention_jit(q, store, dataclasses.replace(plan, impl="xla")))
@@ -248,3 +254,20 @@ def test_in_kernel_selection_cut_kernel_equals_the_xla_cut(data):
     want = _pallas_jit(q, store, plan, config=xla_cut, interpret=INTERPRET)
     assert (np.asarray(want[1].groups_needed) > np.asarray(want[1].groups_kept)).any()
     assert_same(got, want)
+
+
+def test_probe0_plans_take_the_margins_threshold_in_the_kernel(data):
+    """Probe 0 with the exact region's kernel: m' goes from that kernel straight into the
+    margins kernel (beta and delta subtracted there, no XLA threshold): the jnp path's answer
+    and stats for one_pass (a binding capacity, the index's per-head delta) and attend_read."""
+    q, store = data
+    for plan in (Plan.dipr(4.0, "cluster", sink=4, window=32, probe=0, capacity=12,
+                           one_pass=True),
+                 Plan.dipr(4.0, "cluster", sink=4, window=32, probe=0, delta=2.0,
+                           attend_read=True)):
+        jaxpr = str(jax.make_jaxpr(functools.partial(
+            sd.sparse_attention_pallas, plan=plan, config=BINS, interpret=INTERPRET))(q, store))
+        assert "alaya_block_margins" in jaxpr and "alaya_exact_attention" in jaxpr
+        o_ref, st_ref = sparse_attention_jit(q, store, dataclasses.replace(plan, impl="xla"))
+        assert_same(_pallas_jit(q, store, plan, config=BINS, interpret=INTERPRET),
+                    (o_ref, st_ref))

@@ -200,16 +200,22 @@ def score_select_reference(
 # ----------------------------------------------------------------------------- kernel
 
 
-def _margin_kernel(*refs, n_ops, g, per_bk, tiles, d, transforms, steps_in_flight, interpret):
+def _margin_kernel(*refs, n_ops, g, per_bk, tiles, d, transforms, steps_in_flight, offsets,
+                   interpret):
   """One program: kv head bk = pid // per_bk, rows [part*T*64, (part+1)*T*64) of its tables.
 
   refs (n_ops = 1 for centroids, 2 for Quest's kmax/kmin):
     q_gmem x n_ops     [B*H, D]              queries (q, or q+ and q-) in the table dtype
-    thr_gmem           [B*H] f32             m_lower - beta - delta
+    thr_gmem           [B*H] f32             m_lower - beta - delta (offsets: m_lower)
     nb_gmem            [B*K] int32           n_blocks
+    (offsets: delta_gmem [H] f32)
     table_gmem x n_ops [B*K*N, D]            centroids (or kmax, kmin)
     out_gmem           [programs, T, 64] f32 margins
-    then the scratch: q_smem x n_ops, thr_smem, nb_smem, out_smem, barriers.
+    then the scratch: q_smem x n_ops, thr_smem, nb_smem, (offsets: delta_smem), out_smem,
+    barriers.
+
+  offsets: None, or (beta, H): the threshold is m_lower - beta - delta[h] (per query head h
+  of the H of a sequence), subtracted here.
 
   The 16-row windows of q and threshold start at the 8-row boundary at or before the
   group's first head (TMA into a tiled tile needs it); the columns of other heads (or past
@@ -217,10 +223,12 @@ def _margin_kernel(*refs, n_ops, g, per_bk, tiles, d, transforms, steps_in_fligh
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from jax.experimental import pallas as pl
 
-  q_gmems, (thr_gmem, nb_gmem) = refs[:n_ops], refs[n_ops:n_ops + 2]
-  tables, out_gmem = refs[n_ops + 2:2 * n_ops + 2], refs[2 * n_ops + 2]
-  q_smems = refs[2 * n_ops + 3:3 * n_ops + 3]
-  thr_smem, nb_smem, out_smem, bars = refs[3 * n_ops + 3:]
+  q_gmems, (thr_gmem, nb_gmem), refs = refs[:n_ops], refs[n_ops:n_ops + 2], refs[n_ops + 2:]
+  delta_gmem, refs = (refs[0], refs[1:]) if offsets else (None, refs)
+  tables, out_gmem, refs = refs[:n_ops], refs[n_ops], refs[n_ops + 1:]
+  q_smems, (thr_smem, nb_smem), refs = refs[:n_ops], refs[n_ops:n_ops + 2], refs[n_ops + 2:]
+  delta_smem, refs = (refs[0], refs[1:]) if offsets else (None, refs)
+  out_smem, bars = refs
 
   pid = lax.axis_index("p")
   bk = lax.div(pid, jnp.int32(per_bk))
@@ -233,7 +241,9 @@ def _margin_kernel(*refs, n_ops, g, per_bk, tiles, d, transforms, steps_in_fligh
   plgpu.copy_gmem_to_smem(thr_gmem.at[pl.ds(q_start, _COLS)], thr_smem, bars.at[0])
   plgpu.copy_gmem_to_smem(nb_gmem.at[pl.ds(pl.multiple_of(lax.div(bk, 4) * 4, 4), 4)], nb_smem,
                           bars.at[1])
-  for i in range(2 + n_ops):
+  if offsets:
+    plgpu.copy_gmem_to_smem(delta_gmem, delta_smem, bars.at[2 + n_ops])
+  for i in range(2 + n_ops + (1 if offsets else 0)):
     plgpu.barrier_wait(bars.at[i])
   rows_left = nb_smem[lax.rem(bk, 4)] - part * (tiles * _TILE)
   thr = _mgpu.load_with_layout(thr_smem, plgpu.Layout.WGMMA.reduce(0), interpret)
@@ -241,6 +251,11 @@ def _margin_kernel(*refs, n_ops, g, per_bk, tiles, d, transforms, steps_in_fligh
   row = _mgpu.broadcasted_iota(jnp.int32, (_TILE, _COLS), 0, plgpu.Layout.WGMMA, interpret)
   col = _mgpu.broadcasted_iota(jnp.int32, (_TILE, _COLS), 1, plgpu.Layout.WGMMA, interpret)
   in_group = (col >= first_col) & (col < first_col + g)
+  if offsets:  # the group's deltas into their columns (other columns are masked out)
+    beta, n_heads = offsets
+    head0 = lax.rem(bk, jnp.int32(n_heads // g)) * g
+    delta = sum(jnp.where(col == first_col + j, delta_smem[head0 + j], 0.0) for j in range(g))
+    thr = jnp.maximum(thr, MASK_VALUE) - jnp.float32(beta) - delta
   scale = 1.0 / math.sqrt(d)
   first_tile = bk * (per_bk * tiles) + part * tiles   # in tiles of the flattened tables
 
@@ -314,8 +329,29 @@ def quest_margins_mgpu(q, kmin, kmax, n_blocks, threshold, *, config=ScoreSelect
                        threshold, config=config, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _margins_mgpu(queries, tables, n_blocks, threshold, *, config, interpret):
+def block_margins_from_max(q, centroids, n_blocks, m_lower, beta: float, delta, *,
+                           config=ScoreSelectConfig(), interpret=False):
+  """`block_margins_mgpu` at the threshold m_lower - beta - delta with the subtraction in the
+  kernel: m_lower [B, H] straight from the kernel that computes it (the exact region's m'),
+  beta a float, delta [H] (the index's per-head margins); m_lower is floored at MASK_VALUE
+  (as max(m', probe max) with no probe). No XLA kernel runs between the two (one fewer launch
+  a layer). Where H is not a multiple of 4 (the 16-byte copy of delta), the
+  threshold is formed in XLA first (same result)."""
+  b, h = q.shape[:2]
+  if m_lower.shape != (b, h):
+    raise ShapeError(f"m_lower {m_lower.shape}, expected {(b, h)}")
+  delta = jnp.broadcast_to(jnp.asarray(delta, jnp.float32), (h,))
+  if h % 4:
+    thr = _thresholds(jnp.maximum(m_lower, MASK_VALUE), beta, delta[None])
+    return block_margins_mgpu(q, centroids, n_blocks, thr, config=config, interpret=interpret)
+  return _margins_mgpu((q,), (centroids,), n_blocks, m_lower, delta, config=config,
+                       interpret=interpret, beta=float(beta))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "beta"))
+def _margins_mgpu(queries, tables, n_blocks, threshold, delta=None, *, config, interpret,
+                  beta=None):
+  """threshold [B, H]: m_lower - beta - delta; or m_lower, with beta (float) and delta [H]."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   q = queries[0]
@@ -351,7 +387,7 @@ def _margins_mgpu(queries, tables, n_blocks, threshold, *, config, interpret):
   body = functools.partial(_margin_kernel, n_ops=n_ops, g=g, per_bk=per_bk, tiles=tiles, d=d,
                            transforms=transforms,
                            steps_in_flight=min(config.steps_in_flight, tiles),
-                           interpret=interpret)
+                           offsets=None if beta is None else (beta, h), interpret=interpret)
   kw = {"interpret": _mgpu.interpret_params(True)} if interpret else {}
   out = plgpu.kernel(
       body,
@@ -363,11 +399,12 @@ def _margins_mgpu(queries, tables, n_blocks, threshold, *, config, interpret):
           *[plgpu.SMEM((_COLS, d), dtype, transforms=transforms)] * n_ops,
           plgpu.SMEM((_COLS,), jnp.float32),
           plgpu.SMEM((4,), jnp.int32),
+          *([] if beta is None else [plgpu.SMEM((h,), jnp.float32)]),
           plgpu.SMEM((tiles, _TILE), jnp.float32),
-          plgpu.Barrier(num_barriers=2 + n_ops),
+          plgpu.Barrier(num_barriers=2 + n_ops + (0 if beta is None else 1)),
       ],
       **kw,
-  )(*qs, thr, nb, *tabs)
+  )(*qs, thr, nb, *([] if beta is None else [delta.astype(jnp.float32)]), *tabs)
   return out.reshape(b, k, n_pad)[:, :, :n]
 
 

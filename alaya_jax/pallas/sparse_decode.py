@@ -84,7 +84,8 @@ class SparseDecodeConfig:
     attention: the gathered-attention kernel's tuning.
     in_kernel: where the kept set is a cut on the margins (select "bins"), the attention
     kernel lists its blocks itself (`gathered_attention.select_attention`: no compaction
-    kernels before it); False compacts the kept list in XLA first.
+    kernels before it); False compacts the kept list in XLA first (with cut_kernel, from the
+    cut kernel's cut), which the attention kernel splits evenly over its programs.
     exact_kernel: for plans whose threshold the exact region can settle alone (one_pass,
     attend_read), its attention in one Mosaic GPU kernel (`exact_attention`: gather, scores,
     max, masks, softmax and P.V) where its shapes allow; False (or other plans) in XLA.
@@ -252,9 +253,16 @@ def select_kept(margin, cap: int, how: str = "radix", forced: bool = True):
         keep, needed = top_cap_mask(margin.reshape(B * K, N), cap)
     else:
         keep, needed = top_cap_bins(margin.reshape(B * K, N), cap, forced=forced)
-    cap = min(cap, N)
-    sel = ss.compact(jnp.where(keep, 1.0, -1.0).reshape(B, K, N), cap, -(-cap // 4) * 4)
-    return sel.kept, sel.kept_count, needed.reshape(B, K)
+    kept, kept_count = compact_keep(keep.reshape(B, K, N), cap)
+    return kept, kept_count, needed.reshape(B, K)
+
+
+def compact_keep(keep, cap: int):
+    """keep [B, K, N] bool -> (kept [B, K, W], kept_count): the kept ids in block order, at most
+    cap; W = min(cap, N) rounded up to a multiple of 4 (entries past kept_count are 0)."""
+    cap = min(cap, keep.shape[-1])
+    sel = ss.compact(jnp.where(keep, 1.0, -1.0), cap, -(-cap // 4) * 4)
+    return sel.kept, sel.kept_count
 
 
 # ----------------------------------------------------------------------------- the path
@@ -323,12 +331,19 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
             q_c, store.k, store.v, idx.end, lengths, probe_max, sink=cfg.sink,
             tail_size=tail_size, beta=float("inf") if plan.attend_read else plan.beta,
             keep_sink=plan.sink, keep_window=plan.window, **kw)
-    thr = jnp.maximum(exact_max, probe_max) - plan.beta - jnp.asarray(delta, jnp.float32)  # [B,H]
-    if use_est:
-        margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
+    n_blocks = np.full((B, K), N, np.int32)
+    if exact_kernel and plan.probe == 0 and not use_est:
+        # m' straight from the exact region's kernel: the margins kernel subtracts beta and
+        # delta itself (max with the probe's MASK_VALUE is its floor), no XLA kernel between
+        margin = ss.block_margins_from_max(q, idx.centroid, n_blocks, exact_max, plan.beta,
+                                           delta, interpret=interpret)
     else:
-        margin = ss.block_margins_mgpu(q, idx.centroid, np.full((B, K), N, np.int32), thr,
-                                       interpret=interpret)
+        thr = (jnp.maximum(exact_max, probe_max) - plan.beta
+               - jnp.asarray(delta, jnp.float32))  # [B,H]
+        if use_est:
+            margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
+        else:
+            margin = ss.block_margins_mgpu(q, idx.centroid, n_blocks, thr, interpret=interpret)
     margin = jnp.where(nonempty, margin, MASK_VALUE)
     if force is not None:
         margin = jnp.where(force & nonempty, jnp.float32(_FORCED_MARGIN), margin)
@@ -339,21 +354,34 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
     how = resolve_select(config.select, cap, N)
     in_kernel = config.in_kernel and how == "bins"
     if in_kernel:  # the kept set is margin >= cut: the kernels select their blocks themselves
-        # (from the margins in the order they read them, made with the block-order ones)
-        margin, margin_il = lax.optimization_barrier(
-            (margin, ga.interleave_margins(margin, config.attention)))
-        if config.cut_kernel and tc.kernel_supports(N) is None:
-            cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
+        # from the margins in the order they read them. The cut depends on the set of margins
+        # alone, so it is found on those too (their padding never passes): one XLA kernel
+        # between the margins and the cut, not two (the block-order margins are left to the
+        # statistics, dropped with them).
+        margin_il = lax.optimization_barrier(ga.interleave_margins(margin, config.attention))
+        M = margin_il.shape[-1]
+        if config.cut_kernel and tc.kernel_supports(M) is None:
+            cut, needed = tc.top_cap_cut_mgpu(margin_il.reshape(B * K, M), cap,
                                               forced=force is not None, interpret=interpret)
         else:
-            cut, needed = top_cap_cut(margin.reshape(B * K, N), cap, forced=force is not None)
+            cut, needed = top_cap_cut(margin_il.reshape(B * K, M), cap, forced=force is not None)
         cut, needed = cut.reshape(B, K), needed.reshape(B, K)
         keep = margin >= cut[..., None]
         kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
         keys_in_kept = jnp.sum(jnp.where(keep, idx.block_len, 0), -1)
     else:
         margin = lax.optimization_barrier(margin)
-        kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
+        if how == "bins" and config.cut_kernel and tc.kernel_supports(N) is None:
+            # the cut kernel's cut, then the kept list compacted in XLA: the balanced attention
+            # kernel splits the kept entries evenly over its programs (the in-kernel
+            # selection's programs scan fixed ranges, whose kept counts vary: 0-8 of 64 blocks
+            # at 128K's 5%)
+            cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
+                                              forced=force is not None, interpret=interpret)
+            kept, kept_count = compact_keep(margin >= cut.reshape(B, K, 1), cap)
+            needed = needed.reshape(B, K)
+        else:
+            kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
         live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
         keys_in_kept = jnp.sum(jnp.where(live, jnp.take_along_axis(idx.block_len, kept, -1),
                                          0), -1)
