@@ -85,3 +85,51 @@ def test_teacher_forced_full_matches_a_forward_without_cache(tiny_model):
                                 parse_method("full").attention)
     expect = ref_lp[np.arange(P - 1, len(ids) - 1), ids[P:]]
     np.testing.assert_allclose(r["logp"][0], expect, atol=2e-4)
+
+
+def test_eval_merge_equals_one_run_over_both_cells(tiny_dir, tmp_path, capsys):
+    """Two runs (one method each) merged give the records and accuracies of one run of both
+    methods on the same samples; mismatched runs, overlapping cells and a file that is not
+    a result are refused by name."""
+    out = str(tmp_path / "res")
+    common = ["--model", tiny_dir, "--tasks", "passkey,freqword", "--lengths", "512",
+              "--samples", "2", "--batch", "4", "--out", out]
+    for name, methods in (("a", "full"), ("b", "topk:16"), ("both", "full,topk:16")):
+        assert main(["eval", *common, "--methods", methods, "--name", name]) == 0
+    load = lambda n: json.load(open(os.path.join(out, n + ".json")))  # noqa: E731
+    assert main(["eval-merge", os.path.join(out, "a.json"), os.path.join(out, "b.json"),
+                 "--out", out, "--name", "merged", "--label", "merged run"]) == 0
+    merged, both = load("merged"), load("both")
+    key = lambda r: (r["method"], r["task"], r["length"], r["index"])  # noqa: E731
+    assert sorted(map(key, merged["records"])) == sorted(map(key, both["records"]))
+    outputs = lambda res: {key(r): r["output"] for r in res["records"]}  # noqa: E731
+    assert outputs(merged) == outputs(both)  # the same samples, the same greedy decode
+    for m in ("full", "topk:16"):
+        assert merged["summary"][m]["accuracy"] == both["summary"][m]["accuracy"]
+        assert merged["summary"][m]["by_length"]["512"]["by_task"] == \
+            both["summary"][m]["by_length"]["512"]["by_task"]
+        assert merged["summary"][m]["by_length"]["512"]["decode_ms_per_step"] == pytest.approx(
+            load("a" if m == "full" else "b")["summary"][m]["by_length"]["512"][
+                "decode_ms_per_step"])
+    assert merged["methods"] == ["full", "topk:16"] and len(merged["sources"]) == 2
+    md = open(os.path.join(out, "merged.md")).read()
+    assert md.startswith("**merged run**") and "Merged (`alaya eval-merge`) from 2 runs" in md
+    assert sorted(f for f in os.listdir(out) if f.startswith("merged")) == [
+        "merged.json", "merged.md", "merged.png"]
+    capsys.readouterr()
+
+    assert main(["eval-merge", os.path.join(out, "a.json"), os.path.join(out, "both.json")]) == 1
+    assert "method 'full' at length 512 is in results 0 and 1" in capsys.readouterr().err
+    other = dict(load("b"), seed=1)
+    json.dump(other, open(os.path.join(out, "seed1.json"), "w"))
+    assert main(["eval-merge", os.path.join(out, "a.json"), os.path.join(out, "seed1.json")]) == 1
+    assert "differs from result 0 in seed" in capsys.readouterr().err
+    open(os.path.join(out, "junk.json"), "w").write("{\"x\": 1}")
+    assert main(["eval-merge", os.path.join(out, "junk.json")]) == 1
+    assert "is not an `alaya eval` result" in capsys.readouterr().err
+
+
+def test_eval_cli_names_a_length_too_short_for_a_task(tiny_dir, tmp_path, capsys):
+    rc = main(["eval", "--model", tiny_dir, "--tasks", "multikey", "--lengths", "512",
+               "--samples", "1", "--methods", "full"])
+    assert rc == 1 and "multikey at length 512" in capsys.readouterr().err

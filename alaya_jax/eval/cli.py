@@ -1,8 +1,9 @@
-"""`alaya eval` and `alaya eval-ppl`: the evaluation harness on the command line.
+"""`alaya eval`, `alaya eval-merge` and `alaya eval-ppl`: the evaluation harness on the command line.
 
     alaya eval --tasks all --lengths 1024,2048 --methods full,streaming,topk:64,quest:8,dipr:8 \\
         --samples 4 --out benchmarks/results --name eval_cpu_small
     alaya eval-ppl --methods full,dipr-flat:8,dipr:8,topk:256 --prefill 6144 --score 1024
+    alaya eval-merge out/eval_1k2k.json out/eval_4k.json out/eval_8k.json --out out --name eval
 
 `add_eval_parser(subparsers)` registers both subcommands on the main `alaya` parser.
 """
@@ -65,8 +66,31 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_eval_merge(args) -> int:
+    import json
+
+    from alaya_jax.errors import ConfigError
+    from alaya_jax.eval import harness
+
+    results = []
+    for path in args.results:
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read the eval result {path}: {e}") from e
+        missing = [k for k in ("records", "summary", "methods", "lengths") if k not in results[-1]]
+        if missing:
+            raise ConfigError(f"{path} is not an `alaya eval` result (no {', '.join(missing)})")
+    res = harness.merge_results(results, label=args.label)
+    if args.out:
+        harness.write_outputs(res, args.out, args.name)
+    print(harness.markdown(res))
+    return 0
+
+
 def add_eval_parser(subparsers) -> None:
-    """Registers `eval` and `eval-ppl` on an argparse subparsers object."""
+    """Registers `eval`, `eval-merge` and `eval-ppl` on an argparse subparsers object."""
     from alaya_jax.eval.harness import METHOD_HELP
     from alaya_jax.eval.perplexity import DEFAULT_TEXT
     from alaya_jax.eval.tasks import TASKS
@@ -99,6 +123,14 @@ def add_eval_parser(subparsers) -> None:
                    help="start no new batch after this long; the report lists what did not run")
     common(e, "eval")
     e.set_defaults(fn=cmd_eval)
+
+    g = subparsers.add_parser("eval-merge", help="one report from several `alaya eval` runs "
+                              "on the same samples (e.g. one run per length)")
+    g.add_argument("results", nargs="+", help="the runs' NAME.json files")
+    g.add_argument("--out", default=None, help="write NAME.md, NAME.json and NAME.png here")
+    g.add_argument("--name", default="eval", help="output file stem")
+    g.add_argument("--label", default="", help="the report's title (default: the first run's)")
+    g.set_defaults(fn=cmd_eval_merge)
 
     p = subparsers.add_parser("eval-ppl", help="teacher-forced perplexity of decode methods",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

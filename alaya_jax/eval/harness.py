@@ -419,7 +419,13 @@ def markdown(result: dict) -> str:
             left[x["length"]] = left.get(x["length"], 0) + x["samples"]
         lines += ["", "INCOMPLETE (time limit): samples not run per length: "
                   + ", ".join(f"{L}: {n}" for L, n in left.items())]
-    lines += ["", f"Command: `{result['command']}`", ""]
+    if result.get("sources"):  # a merge: each run's command
+        lines += ["", f"Merged (`alaya eval-merge`) from {len(result['sources'])} runs:", ""]
+        lines += [f"- {x['date']}, {x['device']}, jax {x['jax']}, {x['elapsed_s']:.0f}s: "
+                  f"`{x['command']}`" for x in result["sources"]]
+        lines.append("")
+    else:
+        lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -463,11 +469,92 @@ def plot(result: dict, path: str):
     plt.close(fig)
 
 
+def _atomic(path: str, write):
+    """write(tmp_path) then rename over path: a reader never sees a half-written file, and an
+    interrupted write leaves the previous one."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # the extension kept: it names the plot's format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_outputs(result: dict, out_dir: str, name: str):
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, name)
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
-    plot(result, base + ".png")
+
+    def text(content):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(content)
+        return write
+
+    _atomic(base + ".json", text(json.dumps(result, indent=1, default=float)))
+    _atomic(base + ".md", text(markdown(result)))
+    _atomic(base + ".png", lambda tmp: plot(result, tmp))
+
+
+#: What results must share to be merged: the same samples (model and tokenizer, seed, count,
+#: tasks, answer budget) scored the same way.
+_SAME = ("model", "seed", "samples_per_task", "tasks", "gen_budget")
+
+
+def merge_results(results: Sequence[dict], *, label: str = "") -> dict:
+    """One report from several runs of `run_eval` on the same samples (e.g. one device call
+    per length, each within a time limit): their records side by side, accuracy summarized
+    again over all of them, each (method, length)'s timing and plan from the run that made it.
+
+    The runs must share _SAME (the samples are then the same: tasks.make_samples is
+    deterministic in the tokenizer, length, count and seed); a (method, length) may come
+    from one run only (two runs of it could differ by device or code). Raises ConfigError
+    naming what differs."""
+    if not results:
+        raise ConfigError("nothing to merge")
+    first = results[0]
+    for i, r in enumerate(results[1:], 1):
+        for key in _SAME:
+            if r.get(key) != first.get(key):
+                raise ConfigError(f"result {i} differs from result 0 in {key}: "
+                                  f"{r.get(key)!r} vs {first.get(key)!r}")
+    methods, lengths, records, timing, incomplete, owner = [], set(), [], {}, [], {}
+    for i, r in enumerate(results):
+        cells = {(x["method"], x["length"]) for x in r["records"]}
+        for cell in sorted(cells, key=str):
+            if cell in owner:
+                raise ConfigError(f"method {cell[0]!r} at length {cell[1]} is in results "
+                                  f"{owner[cell]} and {i}: merge runs of different cells")
+            owner[cell] = i
+        methods += [m for m in r["methods"] if m not in methods]
+        lengths.update(int(L) for L in r["lengths"])
+        records += r["records"]
+        incomplete += [dict(x, result=i) for x in r["incomplete"]]
+        for m, row in r["summary"].items():  # timing as summarize() reads it back
+            for L, a in row.get("by_length", {}).items():
+                if "decode_ms_per_step" not in a:
+                    continue
+                tm = dict(loop_s=a["decode_ms_per_step"] / 1e3, steps=1, batches=1,
+                          build_s=a["index_build_ms"] / 1e3, batch=a["batch"])
+                if "plan" in a:
+                    tm["plan"] = a["plan"]
+                if "delta_per_layer" in a:
+                    tm["deltas"] = [a["delta_per_layer"]]
+                timing[(m, int(L))] = tm
+    lengths = sorted(lengths)
+    devices = list(dict.fromkeys(r["device"] for r in results))
+    sources = [dict(command=r["command"], date=r["date"], device=r["device"], jax=r["jax"],
+                    elapsed_s=r["elapsed_s"], lengths=r["lengths"], methods=r["methods"])
+               for r in results]
+    return dict(
+        label=label or first["label"], date=max(r["date"] for r in results),
+        command="; ".join(r["command"] for r in results), device=" + ".join(devices),
+        backend=first["backend"], jax=", ".join(dict.fromkeys(r["jax"] for r in results)),
+        python=first["python"], model=first["model"], dtype=first["dtype"], tasks=first["tasks"],
+        lengths=lengths, methods=methods, samples_per_task=first["samples_per_task"],
+        batch_size=first["batch_size"], batch_tokens=first.get("batch_tokens"),
+        seed=first["seed"], gen_budget=first["gen_budget"],
+        elapsed_s=round(sum(r["elapsed_s"] for r in results), 1), incomplete=incomplete,
+        summary=summarize(records, timing, methods, first["tasks"], lengths), records=records,
+        sources=sources)

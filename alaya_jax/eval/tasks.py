@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from alaya_jax.errors import ConfigError
+
 GEN_BUDGET = 64  # tokens kept free for the answer: a prompt for length L has <= L - 64 tokens
 LENGTH_TOLERANCE = 0.04  # a prompt has at least (1 - tol) * (L - GEN_BUDGET) tokens
 DEPTHS = tuple(i / 10 for i in range(11))
@@ -240,7 +242,7 @@ def _fit(build: Callable[[int], tuple[list[int], object]], target: int, probe: i
     re-measured at every try."""
     base = len(build(1)[0])
     if base > target:
-        raise ValueError(f"the prompt needs {base} tokens without filler; the target is {target}")
+        raise ConfigError(f"the prompt needs {base} tokens without filler; the target is {target}")
     aim = target * (1 - LENGTH_TOLERANCE / 4) - base
     n, per, best = probe, 1.0, None
     for _ in range(40):
@@ -258,7 +260,7 @@ def _fit(build: Callable[[int], tuple[list[int], object]], target: int, probe: i
             if best is not None and n <= best[0]:
                 break
     if best is None:
-        raise ValueError(f"cannot fit a prompt into {target} tokens")
+        raise ConfigError(f"cannot fit a prompt into {target} tokens")
     return best
 
 
@@ -364,16 +366,16 @@ def _zipf_counts(n: int, vocab: int, alpha: float) -> np.ndarray:
 def make_sample(task: str, tokenizer, length: int, index: int, seed: int = 0) -> Sample:
     """Sample `index` of `task` at context length `length` (tokens): deterministic by seed."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if length - GEN_BUDGET < 128:
-        raise ValueError(f"length {length} is too short (at least {GEN_BUDGET + 128} tokens)")
+        raise ConfigError(f"length {length} is too short (at least {GEN_BUDGET + 128} tokens)")
     rng = np.random.default_rng([seed, TASKS.index(task), length, index])
     try:
         if task == "freqword":
             return _freqword(tokenizer, length, index, rng)
         return _needle_task(task, tokenizer, length, index, rng)
     except ValueError as e:
-        raise ValueError(f"{task} at length {length}: {e}") from None
+        raise ConfigError(f"{task} at length {length}: {e}") from None
 
 
 def make_samples(tasks: Sequence[str], tokenizer, length: int, n: int, seed: int = 0,
