@@ -12,6 +12,7 @@
 # The task run starts no new batch once the budget is nearly spent and writes its report after
 # every batch, so it always ends with results; the report lists any batches not run.
 # Compiles go to a persistent cache (CC_DIR): a second run on the same machine compiles nothing.
+# RESUME=1 with an earlier $OUT/eval_gpu.json (same samples and batches) goes on where it stopped.
 set -euo pipefail
 
 MODEL=""
@@ -36,6 +37,8 @@ PPL_METHODS="${PPL_METHODS:-full,dipr:8,dipr-cluster:8,dipr-cluster:4:read:remai
 BUDGET_S="${BUDGET_S:-520}"
 CC_DIR="${CC_DIR:-/tmp/alaya_jax_compile_cache}"
 PAR=$([[ "${PARALLEL_COMPILE:-0}" == 1 ]] && echo --parallel-compile || true)
+RES=$([[ "${RESUME:-0}" == 1 && -f "${OUT:-benchmarks/results}/eval_gpu.json" ]] \
+      && echo "--resume ${OUT:-benchmarks/results}/eval_gpu.json" || true)
 export PYTHONPATH="${PYTHONPATH:-$PWD}"
 mkdir -p "$OUT"
 START=$SECONDS
@@ -53,7 +56,7 @@ LEFT=$((BUDGET_S - (SECONDS - START)))
 MAX_MIN=$(python -c "print(max(0.5, ($LEFT - 75) / 60))")
 echo "[run_eval_gpu] $((SECONDS - START))s used; tasks get --max-minutes $MAX_MIN" >&2
 timeout -s INT $((LEFT > 10 ? LEFT : 10)) "${EVAL[@]}" eval --model "$MODEL" --tasks all \
-  --lengths "$LENGTHS" --samples "$SAMPLES" --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$METHODS" $PAR \
+  --lengths "$LENGTHS" --samples "$SAMPLES" --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$METHODS" $PAR $RES \
   --max-minutes "$MAX_MIN" --out "$OUT" --name eval_gpu --compile-cache "$CC_DIR" \
   --label "GPU evaluation (run_eval_gpu.sh): $SAMPLES samples per task and length" \
   || echo "[run_eval_gpu] eval failed or timed out: $OUT/eval_gpu.* hold the batches done" >&2

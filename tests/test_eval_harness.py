@@ -133,3 +133,34 @@ def test_eval_cli_names_a_length_too_short_for_a_task(tiny_dir, tmp_path, capsys
     rc = main(["eval", "--model", tiny_dir, "--tasks", "multikey", "--lengths", "512",
                "--samples", "1", "--methods", "full"])
     assert rc == 1 and "multikey at length 512" in capsys.readouterr().err
+
+
+def test_eval_resume_runs_only_what_the_earlier_run_did_not(tiny_dir, tmp_path, capsys):
+    """--resume keeps an earlier run's records and timing and decodes only the (method, batch)
+    pairs it lacks: one method added gives the outputs of a fresh run of both; resuming a
+    finished run decodes nothing; a run on other samples is refused by name."""
+    out = str(tmp_path / "res")
+    common = ["--model", tiny_dir, "--tasks", "passkey,freqword", "--lengths", "512",
+              "--samples", "2", "--batch", "2", "--out", out]
+    path = lambda n: os.path.join(out, n + ".json")  # noqa: E731
+    assert main(["eval", *common, "--methods", "full", "--name", "a"]) == 0
+    assert main(["eval", *common, "--methods", "full,topk:16", "--name", "both"]) == 0
+    assert main(["eval", *common, "--methods", "topk:16", "--name", "r",
+                 "--resume", path("a")]) == 0
+    a, both, r = (json.load(open(path(n))) for n in ("a", "both", "r"))
+    key = lambda x: (x["method"], x["task"], x["length"], x["index"])  # noqa: E731
+    outputs = lambda res: {key(x): x["output"] for x in res["records"]}  # noqa: E731
+    assert outputs(r) == outputs(both) and len(r["records"]) == len(both["records"])
+    assert r["methods"] == ["topk:16", "full"] and r["incomplete"] == []
+    timing = lambda res: {(t["method"], t["length"]): t for t in res["timing"]}  # noqa: E731
+    assert timing(r)[("full", 512)] == timing(a)[("full", 512)]  # full was not run again
+    assert timing(r)[("topk:16", 512)]["batches"] == 2
+    capsys.readouterr()
+
+    assert main(["eval", *common, "--methods", "full,topk:16", "--name", "r2",
+                 "--resume", path("r")]) == 0
+    r2 = json.load(open(path("r2")))
+    assert outputs(r2) == outputs(r) and timing(r2) == timing(r)  # nothing decoded
+    assert main(["eval", *common[:6], "--samples", "3", *common[8:], "--methods", "full",
+                 "--name", "bad", "--resume", path("a")]) == 1
+    assert "cannot resume: the earlier run's samples_per_task is 2" in capsys.readouterr().err

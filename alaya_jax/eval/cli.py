@@ -38,15 +38,32 @@ def cmd_eval(args) -> int:
     methods = _csv(args.methods)
     for m in methods:  # fail on a bad spec before loading the model
         harness.parse_method(m)
+    resume = _read_result(args.resume) if args.resume else None
     _compile_cache(args)
     model, tok = _load(args)
     res = harness.run_eval(model, tok, task_names, [int(x) for x in _csv(args.lengths)], methods,
                            args.samples, args.out, name=args.name, batch_size=args.batch,
                            batch_tokens=args.batch_tokens, parallel_compile=args.parallel_compile,
                            seed=args.seed, max_minutes=args.max_minutes, label=args.label,
-                           command="alaya " + " ".join(sys.argv[1:]))
+                           command="alaya " + " ".join(sys.argv[1:]), resume=resume)
     print(harness.markdown(res))
     return 0
+
+
+def _read_result(path: str) -> dict:
+    import json
+
+    from alaya_jax.errors import ConfigError
+
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read the eval result {path}: {e}") from e
+    missing = [k for k in ("records", "summary", "methods", "lengths") if k not in res]
+    if missing:
+        raise ConfigError(f"{path} is not an `alaya eval` result (no {', '.join(missing)})")
+    return res
 
 
 def cmd_eval_ppl(args) -> int:
@@ -67,22 +84,9 @@ def cmd_eval_ppl(args) -> int:
 
 
 def cmd_eval_merge(args) -> int:
-    import json
-
-    from alaya_jax.errors import ConfigError
     from alaya_jax.eval import harness
 
-    results = []
-    for path in args.results:
-        try:
-            with open(path) as f:
-                results.append(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read the eval result {path}: {e}") from e
-        missing = [k for k in ("records", "summary", "methods", "lengths") if k not in results[-1]]
-        if missing:
-            raise ConfigError(f"{path} is not an `alaya eval` result (no {', '.join(missing)})")
-    res = harness.merge_results(results, label=args.label)
+    res = harness.merge_results([_read_result(p) for p in args.results], label=args.label)
     if args.out:
         harness.write_outputs(res, args.out, args.name)
     print(harness.markdown(res))
@@ -121,6 +125,9 @@ def add_eval_parser(subparsers) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-minutes", type=float, default=None,
                    help="start no new batch after this long; the report lists what did not run")
+    e.add_argument("--resume", default=None, metavar="RESULT.json",
+                   help="an earlier run's result on the same samples and batches: keep its "
+                        "records, run only what it did not (e.g. after --max-minutes)")
     common(e, "eval")
     e.set_defaults(fn=cmd_eval)
 

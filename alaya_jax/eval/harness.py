@@ -175,7 +175,7 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
              samples: int, out_dir: str | None = None, *, name: str = "eval", batch_size: int = 25,
              batch_tokens: int | None = None, seed: int = 0, max_minutes: float | None = None,
              parallel_compile: bool = False, progress: bool = True, label: str = "",
-             command: str | None = None) -> dict:
+             command: str | None = None, resume: dict | None = None) -> dict:
     """Evaluates every method on the same samples; writes results when out_dir is given.
 
     batch_size: sequences per batch; batch_tokens (optional) caps batch x length, so long
@@ -185,6 +185,10 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
     (compiles overlap; needs memory for one cache copy per method).
     max_minutes: stop starting new batches after this long (the report then says which
     (length, batch) pairs ran; nothing is silently dropped).
+    resume: a result of an earlier run on the same samples and batches (`check_resumable`):
+    its records are kept, and a method runs on a batch only if the earlier run did not (a
+    batch that every method has done is not even prefilled), so a run cut short by a time
+    limit goes on where it stopped; methods and lengths may be added.
     """
     from tqdm import tqdm
 
@@ -199,6 +203,10 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
     for L in lengths:
         if L > cfg.max_seq_len:
             raise ConfigError(f"length {L} exceeds the model's context of {cfg.max_seq_len} tokens")
+    if resume is not None:
+        check_resumable(resume, model=cfg.name, seed=seed, samples_per_task=samples,
+                        tasks=tasks, gen_budget=T.GEN_BUDGET, batch_size=batch_size,
+                        batch_tokens=batch_tokens)
     t_start = time.perf_counter()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     log(f"[eval] jax {jax.__version__} on {jax.devices()[0].device_kind} | model {cfg.name} "
@@ -221,6 +229,17 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
 
     records: list[dict] = []
     timing: dict[tuple[str, int], dict] = {}
+    done: set = set()  # (method, length, task, index) the resumed run has
+    if resume is not None:
+        records = list(resume["records"])
+        timing = _timing_of(resume)
+        done = {(r["method"], r["length"], r["task"], r["index"]) for r in records}
+        methods += [m for m in resume["methods"] if m not in methods]
+        parsed = [parse_method(m) for m in methods]
+        lengths_done = sorted({int(L) for L in resume["lengths"]} - set(lengths))
+        if lengths_done:  # its other lengths stay in the report
+            lengths = sorted(lengths + lengths_done)
+        log(f"[eval] resuming {len(records)} records of {resume['date']}")
     skipped: list[dict] = []
     warm: set = set()
     def _result(records, timing, skipped, plan_left=False):
@@ -234,14 +253,20 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
             methods=list(methods), samples_per_task=samples, batch_size=batch_size,
             batch_tokens=batch_tokens, seed=seed,
             gen_budget=T.GEN_BUDGET, elapsed_s=round(elapsed, 1), incomplete=skipped,
-            summary=summarize(records, timing, methods, tasks, lengths), records=records)
+            summary=summarize(records, timing, methods, tasks, lengths), records=records,
+            timing=[dict(method=m, length=L, **tm) for (m, L), tm in timing.items()])
 
     bar = tqdm(total=len(plan) * len(parsed), disable=not progress, desc="eval", unit="run",
                file=sys.stderr)
     for L, B, batch in plan:
+        todo = [m for m in parsed
+                if not all((m.name, L, s.task, s.index) in done for s in batch)]
+        bar.update(len(parsed) - len(todo))  # the resumed run's
+        if not todo:
+            continue
         if max_minutes is not None and time.perf_counter() - t_start > 60 * max_minutes:
             skipped.append(dict(length=L, samples=len(batch)))
-            bar.update(len(parsed))
+            bar.update(len(todo))
             continue
         padded = batch + [batch[-1]] * (B - len(batch))  # a short batch is filled with copies
         T_ = L - T.GEN_BUDGET
@@ -252,14 +277,14 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         t = time.perf_counter()
         C = min(512, -(-T_ // 16) * 16)  # prefill's chunk: the cache must hold whole chunks
         cache_len = max(L, -(-T_ // C) * C)
-        n_q = max(calibration_queries(m.attention) for m in parsed)
+        n_q = max(calibration_queries(m.attention) for m in todo)
         out = prefill(model, tokens, lens, KVCache.zeros(cfg, B, cache_len, model.dtype), chunk=C,
                       collect_queries=n_q)
         logits, cache, queries = out if n_q else (*out, None)
         jax.block_until_ready(logits)
         prefill_s = time.perf_counter() - t
         max_new = max(s.max_new_tokens for s in batch)
-        cold = [m for m in parsed if (m.name, L) not in warm]
+        cold = [m for m in todo if (m.name, L) not in warm]
         if cold:  # compile outside the timing: a 2-token decode per method
             bar.set_postfix_str(f"L={L} compiling {len(cold)} methods")
             t = time.perf_counter()
@@ -276,7 +301,7 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
             warm.update((m.name, L) for m in cold)
             log(f"[eval] length {L}: prefill {prefill_s:.1f}s (compile included), "
                 f"{len(cold)} methods compiled in {time.perf_counter() - t:.1f}s")
-        for m in parsed:
+        for m in todo:
             bar.set_postfix_str(f"L={L} {m.name}")
             gen, steps, stats, build_s, loop_s = decode_timed(model, tokenizer, _copy(cache), logits,
                                                               max_new, m.attention, queries)
@@ -521,6 +546,7 @@ def merge_results(results: Sequence[dict], *, label: str = "") -> dict:
                                   f"{r.get(key)!r} vs {first.get(key)!r}")
     methods, lengths, records, timing, incomplete, owner = [], set(), [], {}, [], {}
     for i, r in enumerate(results):
+        timing.update(_timing_of(r))
         cells = {(x["method"], x["length"]) for x in r["records"]}
         for cell in sorted(cells, key=str):
             if cell in owner:
@@ -531,18 +557,8 @@ def merge_results(results: Sequence[dict], *, label: str = "") -> dict:
         lengths.update(int(L) for L in r["lengths"])
         records += r["records"]
         incomplete += [dict(x, result=i) for x in r["incomplete"]]
-        for m, row in r["summary"].items():  # timing as summarize() reads it back
-            for L, a in row.get("by_length", {}).items():
-                if "decode_ms_per_step" not in a:
-                    continue
-                tm = dict(loop_s=a["decode_ms_per_step"] / 1e3, steps=1, batches=1,
-                          build_s=a["index_build_ms"] / 1e3, batch=a["batch"])
-                if "plan" in a:
-                    tm["plan"] = a["plan"]
-                if "delta_per_layer" in a:
-                    tm["deltas"] = [a["delta_per_layer"]]
-                timing[(m, int(L))] = tm
     lengths = sorted(lengths)
+    timing = {cell: tm for cell, tm in timing.items() if cell in owner}
     devices = list(dict.fromkeys(r["device"] for r in results))
     sources = [dict(command=r["command"], date=r["date"], device=r["device"], jax=r["jax"],
                     elapsed_s=r["elapsed_s"], lengths=r["lengths"], methods=r["methods"])
@@ -557,4 +573,41 @@ def merge_results(results: Sequence[dict], *, label: str = "") -> dict:
         seed=first["seed"], gen_budget=first["gen_budget"],
         elapsed_s=round(sum(r["elapsed_s"] for r in results), 1), incomplete=incomplete,
         summary=summarize(records, timing, methods, first["tasks"], lengths), records=records,
+        timing=[dict(method=m, length=L, **tm) for (m, L), tm in timing.items()],
         sources=sources)
+
+
+def _timing_of(result: dict) -> dict:
+    """{(method, length): timing} of a result, as run_eval accumulates it: its raw timing, or
+    (results written before it was stored) rebuilt from the summary as one step and one
+    batch at the reported means."""
+    if "timing" in result:
+        return {(t["method"], int(t["length"])):
+                {k: v for k, v in t.items() if k not in ("method", "length")}
+                for t in result["timing"]}
+    timing = {}
+    for m, row in result["summary"].items():
+        for L, a in row.get("by_length", {}).items():
+            if "decode_ms_per_step" not in a:
+                continue
+            tm = dict(loop_s=a["decode_ms_per_step"] / 1e3, steps=1, batches=1, prefill_s=0.0,
+                      build_s=a["index_build_ms"] / 1e3, batch=a["batch"])
+            if "plan" in a:
+                tm["plan"] = a["plan"]
+            if "delta_per_layer" in a:
+                tm["deltas"] = [a["delta_per_layer"]]
+            timing[(m, int(L))] = tm
+    return timing
+
+
+def check_resumable(result: dict, **want):
+    """Raises ConfigError unless `result` (an earlier run) was made on the samples and batches
+    of a run with these settings (`run_eval(resume=...)`): the same model, seed, samples per
+    task, tasks, answer budget, batch size and token cap."""
+    missing = [k for k in ("records", "summary", "methods", "lengths") if k not in result]
+    if missing:
+        raise ConfigError(f"not an `alaya eval` result (no {', '.join(missing)})")
+    for key, value in want.items():
+        if result.get(key) != value:
+            raise ConfigError(f"cannot resume: the earlier run's {key} is {result.get(key)!r}, "
+                              f"this run's {value!r}")
