@@ -161,6 +161,8 @@ def test_eval_resume_runs_only_what_the_earlier_run_did_not(tiny_dir, tmp_path, 
                  "--resume", path("r")]) == 0
     r2 = json.load(open(path("r2")))
     assert outputs(r2) == outputs(r) and timing(r2) == timing(r)  # nothing decoded
+    assert [x["command"] for x in r2["resumed"]] == [a["command"], r["command"]]
+    assert "Resumed (`--resume`) from 2 earlier run(s)" in open(os.path.join(out, "r2.md")).read()
     assert main(["eval", *common[:6], "--samples", "3", *common[8:], "--methods", "full",
                  "--name", "bad", "--resume", path("a")]) == 1
     assert "cannot resume: the earlier run's samples_per_task is 2" in capsys.readouterr().err

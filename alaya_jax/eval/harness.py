@@ -186,9 +186,10 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
     max_minutes: stop starting new batches after this long (the report then says which
     (length, batch) pairs ran; nothing is silently dropped).
     resume: a result of an earlier run on the same samples and batches (`check_resumable`):
-    its records are kept, and a method runs on a batch only if the earlier run did not (a
-    batch that every method has done is not even prefilled), so a run cut short by a time
-    limit goes on where it stopped; methods and lengths may be added.
+    its records are kept, its methods and lengths join these, and a method runs on a batch
+    only if the earlier run did not (a batch that every method has done is not even
+    prefilled), so a run cut short by a time limit goes on where it stopped. The result
+    lists the earlier runs under "resumed".
     """
     from tqdm import tqdm
 
@@ -203,10 +204,13 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
     for L in lengths:
         if L > cfg.max_seq_len:
             raise ConfigError(f"length {L} exceeds the model's context of {cfg.max_seq_len} tokens")
-    if resume is not None:
+    if resume is not None:  # the earlier run's methods and lengths carry on too
         check_resumable(resume, model=cfg.name, seed=seed, samples_per_task=samples,
                         tasks=tasks, gen_budget=T.GEN_BUDGET, batch_size=batch_size,
                         batch_tokens=batch_tokens)
+        methods += [m for m in resume["methods"] if m not in methods]
+        parsed = [parse_method(m) for m in methods]
+        lengths = sorted(set(lengths) | {int(L) for L in resume["lengths"]})
     t_start = time.perf_counter()
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     log(f"[eval] jax {jax.__version__} on {jax.devices()[0].device_kind} | model {cfg.name} "
@@ -234,12 +238,10 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         records = list(resume["records"])
         timing = _timing_of(resume)
         done = {(r["method"], r["length"], r["task"], r["index"]) for r in records}
-        methods += [m for m in resume["methods"] if m not in methods]
-        parsed = [parse_method(m) for m in methods]
-        lengths_done = sorted({int(L) for L in resume["lengths"]} - set(lengths))
-        if lengths_done:  # its other lengths stay in the report
-            lengths = sorted(lengths + lengths_done)
         log(f"[eval] resuming {len(records)} records of {resume['date']}")
+    earlier = [] if resume is None else [*resume.get("resumed", []), dict(
+        command=resume["command"], date=resume["date"], device=resume["device"],
+        jax=resume["jax"], elapsed_s=resume["elapsed_s"])]
     skipped: list[dict] = []
     warm: set = set()
     def _result(records, timing, skipped, plan_left=False):
@@ -254,7 +256,8 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
             batch_tokens=batch_tokens, seed=seed,
             gen_budget=T.GEN_BUDGET, elapsed_s=round(elapsed, 1), incomplete=skipped,
             summary=summarize(records, timing, methods, tasks, lengths), records=records,
-            timing=[dict(method=m, length=L, **tm) for (m, L), tm in timing.items()])
+            timing=[dict(method=m, length=L, **tm) for (m, L), tm in timing.items()],
+            **({"resumed": earlier} if earlier else {}))
 
     bar = tqdm(total=len(plan) * len(parsed), disable=not progress, desc="eval", unit="run",
                file=sys.stderr)
@@ -392,6 +395,11 @@ def plan_line(name: str, row: dict) -> str:
     return f"- {name}: {row['plan']}{extra}"
 
 
+def _run_line(run: dict) -> str:
+    return (f"- {run['date']}, {run['device']}, jax {run['jax']}, {run['elapsed_s']:.0f}s: "
+            f"`{run['command']}`")
+
+
 def markdown(result: dict) -> str:
     s = result["summary"]
     tasks = result["tasks"]
@@ -444,10 +452,12 @@ def markdown(result: dict) -> str:
             left[x["length"]] = left.get(x["length"], 0) + x["samples"]
         lines += ["", "INCOMPLETE (time limit): samples not run per length: "
                   + ", ".join(f"{L}: {n}" for L, n in left.items())]
+    if result.get("resumed"):  # a resumed run: the earlier runs' commands first
+        lines += ["", f"Resumed (`--resume`) from {len(result['resumed'])} earlier run(s):", ""]
+        lines += [_run_line(x) for x in result["resumed"]]
     if result.get("sources"):  # a merge: each run's command
         lines += ["", f"Merged (`alaya eval-merge`) from {len(result['sources'])} runs:", ""]
-        lines += [f"- {x['date']}, {x['device']}, jax {x['jax']}, {x['elapsed_s']:.0f}s: "
-                  f"`{x['command']}`" for x in result["sources"]]
+        lines += [_run_line(x) for x in result["sources"]]
         lines.append("")
     else:
         lines += ["", f"Command: `{result['command']}`", ""]
