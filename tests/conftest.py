@@ -7,6 +7,10 @@ import pytest
 
 # Tests compare against f32 references: keep matmuls in full precision on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
+# CPU computations run inline, not dispatched asynchronously: the Mosaic GPU interpreter runs
+# jax ops inside its callbacks, and with async dispatch on 2 cores a test now and then hung
+# with every thread of a worker waiting on a futex (seen twice, not reproduced on demand).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
