@@ -67,7 +67,8 @@ def even_kept(blocks: int, kept: int) -> np.ndarray:
 
 def decode_layer_kernel(kernel: str, blocks: int, kept: int, tail: int, context: int = CONTEXT,
                         interpret: bool = False, even: bool = False, bpp: int | None = None,
-                        sif: int = 4, bins: int = 32, rounds: int = 2, over: float = 4.0):
+                        sif: int = 4, bins: int = tc.BINS, rounds: int = tc.ROUNDS,
+                        over: float = 4.0):
   """(jitted call, args, description) of one kernel of a decode layer's sparse chain;
   interpret=True runs it in the CPU interpreter (a smoke test of the workload); even: the
   select workload's kept blocks spread evenly over its programs (`even_kept`) instead of
@@ -132,8 +133,8 @@ def main():
   ap.add_argument("--bpp", dest="sel_bpp", type=int, default=None,
                   help="select: blocks a program")
   ap.add_argument("--sif", dest="sel_sif", type=int, default=4, help="select: steps in flight")
-  ap.add_argument("--bins", type=int, default=32, help="cut: bins a round")
-  ap.add_argument("--rounds", type=int, default=2, help="cut: rounds")
+  ap.add_argument("--bins", type=int, default=tc.BINS, help="cut: bins a round")
+  ap.add_argument("--rounds", type=int, default=tc.ROUNDS, help="cut: rounds")
   ap.add_argument("--over", type=float, default=4.0,
                   help="cut: passing margins, a multiple of the capacity (<= 1: early exit)")
   ap.add_argument("--gpu", action="store_true",

@@ -5,7 +5,7 @@
     alaya eval-ppl --methods full,dipr-flat:8,dipr:8,topk:256 --prefill 6144 --score 1024
     alaya eval-merge out/eval_1k2k.json out/eval_4k.json out/eval_8k.json --out out --name eval
 
-`add_eval_parser(subparsers)` registers both subcommands on the main `alaya` parser.
+`add_eval_parser(subparsers)` registers the three subcommands on the main `alaya` parser.
 """
 
 from __future__ import annotations
