@@ -265,6 +265,18 @@ def compact_keep(keep, cap: int):
     return sel.kept, sel.kept_count
 
 
+def _capacity_cut(margin, cap: int, forced: bool, config, interpret: bool):
+    """margin [B, K, M] -> (cut [B, K], needed [B, K]) of `top_cap_cut`: in its Mosaic GPU
+    kernel where config.cut_kernel and the row fits the kernel, else in XLA."""
+    B, K, M = margin.shape
+    rows = margin.reshape(B * K, M)
+    if config.cut_kernel and tc.kernel_supports(M) is None:
+        cut, needed = tc.top_cap_cut_mgpu(rows, cap, forced=forced, interpret=interpret)
+    else:
+        cut, needed = top_cap_cut(rows, cap, forced=forced)
+    return cut.reshape(B, K), needed.reshape(B, K)
+
+
 # ----------------------------------------------------------------------------- the path
 
 
@@ -359,27 +371,19 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         # between the margins and the cut, not two (the block-order margins are left to the
         # statistics, dropped with them).
         margin_il = lax.optimization_barrier(ga.interleave_margins(margin, config.attention))
-        M = margin_il.shape[-1]
-        if config.cut_kernel and tc.kernel_supports(M) is None:
-            cut, needed = tc.top_cap_cut_mgpu(margin_il.reshape(B * K, M), cap,
-                                              forced=force is not None, interpret=interpret)
-        else:
-            cut, needed = top_cap_cut(margin_il.reshape(B * K, M), cap, forced=force is not None)
-        cut, needed = cut.reshape(B, K), needed.reshape(B, K)
+        cut, needed = _capacity_cut(margin_il, cap, force is not None, config, interpret)
         keep = margin >= cut[..., None]
         kept_count = jnp.sum(keep, -1, dtype=jnp.int32)
         keys_in_kept = jnp.sum(jnp.where(keep, idx.block_len, 0), -1)
     else:
         margin = lax.optimization_barrier(margin)
-        if how == "bins" and config.cut_kernel and tc.kernel_supports(N) is None:
-            # the cut kernel's cut, then the kept list compacted in XLA: the balanced attention
-            # kernel splits the kept entries evenly over its programs (the in-kernel
-            # selection's programs scan fixed ranges, whose kept counts vary: 0-8 of 64 blocks
-            # at 128K's 5%)
-            cut, needed = tc.top_cap_cut_mgpu(margin.reshape(B * K, N), cap,
-                                              forced=force is not None, interpret=interpret)
-            kept, kept_count = compact_keep(margin >= cut.reshape(B, K, 1), cap)
-            needed = needed.reshape(B, K)
+        if how == "bins":
+            # the cut (its kernel where config.cut_kernel), then the kept list compacted in
+            # XLA: the balanced attention kernel splits the kept entries evenly over its
+            # programs (the in-kernel selection's programs scan fixed ranges, whose kept
+            # counts vary: 0-8 of 64 blocks at 128K's 5%)
+            cut, needed = _capacity_cut(margin, cap, force is not None, config, interpret)
+            kept, kept_count = compact_keep(margin >= cut[..., None], cap)
         else:
             kept, kept_count, needed = select_kept(margin, cap, how, forced=force is not None)
         live = jnp.arange(kept.shape[-1])[None, None, :] < kept_count[..., None]
