@@ -12,9 +12,14 @@ counts in the kernel). GPU time from the profiler of the attention kernel alone 
 whole `gathered_attention` call (kernel + the merge of the splits), per call (one trace of 8
 calls in a jit); bandwidth is the kept K+V bytes over it, against the copy roofline measured
 in the same run. Writes kernel_balance.json and kernel_balance.png.
+
+    --sweep: the balanced split's knobs instead (programs launched 1-3 an SM, steps in flight,
+    blocks per step; the default first), rows split="balanced:PROGRAMS:SIF:BPS", written to
+    kernel_balance_sweep.{json,png}.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -26,17 +31,64 @@ from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from kernel_waves import K, count_cases, finish, parse_caps, setup, timed_row  # noqa: E402
 
 
+def sweep_configs():
+  """(name, config) of the balanced split's knobs, the default first."""
+  sms = ga._sm_count()
+  out = [("balanced", ga.GatheredAttentionConfig())]
+  for per_sm in (1, 2, 3):
+    for sif in (2, 4, 6, 8):
+      for bps in (1, 2):
+        cfg = ga.GatheredAttentionConfig(programs=per_sm * sms, steps_in_flight=sif,
+                                         blocks_per_step=bps)
+        if cfg != dataclasses.replace(out[0][1], programs=ga.PROGRAMS_PER_SM * sms):
+          out.append((f"balanced:{per_sm * sms}:{sif}:{bps}", cfg))
+  return out
+
+
 def main():
-  args = parse_caps([656, 2048])
+  args = parse_caps([656, 2048], lambda ap: ap.add_argument(
+      "--sweep", action="store_true", help="the balanced split's knobs (see the docstring)"))
   layer, qs, (read_tbps, copy_tbps) = setup("kernel_balance.py")
   rows = []
   rng = np.random.default_rng(0)
   for cap, counts_name, kept, cnt, mb in count_cases(rng, args.caps, args.counts):
     static = ga.GatheredAttentionConfig(blocks_per_program=ga.default_blocks_per_program(cap, K))
-    for split, cfg in (("static", static), ("balanced", ga.GatheredAttentionConfig())):
-      rows.append(timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap,
-                            counts=counts_name, split=split))
-  finish(args.out, "kernel_balance", rows, (read_tbps, copy_tbps), plot)
+    configs = (sweep_configs() if args.sweep else
+               (("static", static), ("balanced", ga.GatheredAttentionConfig())))
+    for split, cfg in configs:
+      try:
+        rows.append(timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap,
+                              counts=counts_name, split=split))
+      except Exception as e:  # a knob the kernel cannot take (shared memory, registers)
+        if not args.sweep:
+          raise
+        print(f"{split}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+      if args.sweep:  # written as it goes: a long sweep cut short keeps its rows
+        finish(args.out, "kernel_balance_sweep", rows, (read_tbps, copy_tbps), plot_sweep)
+  finish(args.out, "kernel_balance_sweep" if args.sweep else "kernel_balance", rows,
+         (read_tbps, copy_tbps), plot_sweep if args.sweep else plot)
+
+
+def plot_sweep(rows, meta, path):
+  """The whole call's fraction of copy per config, one bar group per case."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cases = list(dict.fromkeys((r["cap"], r["counts"]) for r in rows))
+  fig, axes = plt.subplots(len(cases), 1, figsize=(10, 2.6 * len(cases)), squeeze=False)
+  for ax, case in zip(axes[:, 0], cases):
+    mine = [r for r in rows if (r["cap"], r["counts"]) == case]
+    ax.bar(range(len(mine)), [r["call_vs_copy"] for r in mine], color=[
+        "tab:red" if r["split"] == "balanced" else "tab:blue" for r in mine])
+    ax.axhline(0.8, color="gray", ls="--", lw=1)
+    ax.set_xticks(range(len(mine)), [r["split"].replace("balanced:", "") for r in mine],
+                  rotation=90, fontsize=6)
+    ax.set_ylabel("call / copy")
+    ax.set_title(f"cap {case[0]}, {case[1]} ({mine[0]['MB']:.0f} MB); red: the default; "
+                 "labels programs:steps in flight:blocks per step", fontsize=8)
+  fig.suptitle(f"balanced split knobs ({meta['device']})", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
 
 
 def plot(rows, meta, path):

@@ -292,8 +292,16 @@ def _margin_kernel(*refs, n_ops, g, per_bk, tiles, d, transforms, steps_in_fligh
   plgpu.wait_smem_to_gmem(0)
 
 
-def default_tiles_per_program(n_tiles: int, bk: int, *, target_programs: int = 528,
+def default_tiles_per_program(n_tiles: int, bk: int, *, target_programs: int = 256,
                               most: int = 32) -> int:
+  """64-row tiles per program: ~`target_programs` programs (~2 an SM), a divisor of n_tiles.
+
+  Measured on an H200 (`python benchmarks/kernels.py --tune-margins`, batch 1, 16 layers,
+  `kernels_tune_margins.json`, `kernels_1m_tune.json`): bf16 tables at 1M 21.4 us with the
+  earlier target of 528 programs (4 tiles) against 19.9 at 16 tiles (fp8 13.5 -> 12.6-12.9),
+  at 512K 11.6 (2 tiles) against 11.3 at 8, at 128K 4.2 at 1 or 2 tiles; many tiles a program
+  (32-64) or few programs cost up to 2x.
+  """
   want = max(1, min(most, n_tiles * bk // target_programs))
   while n_tiles % want:
     want -= 1
