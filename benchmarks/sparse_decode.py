@@ -137,12 +137,15 @@ def path_overrides(items):
     from alaya_jax.pallas import gathered_attention as ga
     from alaya_jax.pallas import sparse_decode as sd
 
+    from alaya_jax.pallas import score_select as ss
+
     dec_fields = {f.name: str(f.type) for f in dataclasses.fields(sd.SparseDecodeConfig)}
     att_fields = {f.name: str(f.type) for f in dataclasses.fields(ga.GatheredAttentionConfig)}
-    dec, att = {}, {}
+    mar_fields = {"margins." + f.name: str(f.type) for f in dataclasses.fields(ss.ScoreSelectConfig)}
+    dec, att, mar = {}, {}, {}
     for item in items:
         key, _, val = item.partition("=")
-        kind = dec_fields.get(key) or att_fields.get(key)
+        kind = dec_fields.get(key) or att_fields.get(key) or mar_fields.get(key)
         if kind is None:
             raise SystemExit(f"unknown config field {key!r} in {item!r}")
         try:  # by the field's annotation: "bool", "int | None", "str", ...
@@ -150,10 +153,15 @@ def path_overrides(items):
                      int(val) if kind.startswith("int") else val)
         except ValueError:
             raise SystemExit(f"{item!r}: {key} takes {kind}") from None
-        (dec if key in dec_fields else att)[key] = value
-    if not dec and not att:
+        if key in mar_fields:
+            mar[key.split(".", 1)[1]] = value
+        else:
+            (dec if key in dec_fields else att)[key] = value
+    if not dec and not att and not mar:
         return None
     cfg = sd.SparseDecodeConfig(**dec)
+    if mar:  # margins.FIELD: the margins kernel's ScoreSelectConfig
+        cfg = dataclasses.replace(cfg, margins=dataclasses.replace(cfg.margins, **mar))
     if att:
         cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, **att))
     return cfg
@@ -187,7 +195,7 @@ def main(argv=None):
                          "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | quest:PAGES; "
                          "any sparse method[:nostats][:calib]: timed without its statistics / "
                          "with its index calibrated on a real prefill's queries; "
-                         "[@key=val+key=val]: Mosaic GPU path config fields")
+                         "[@key=val+key=val]: Mosaic GPU path config fields (margins.FIELD: the margins kernel's)")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="contexts at which to profile one decode call of each DIPR method")
     ap.add_argument("--steps", type=int, default=16)

@@ -239,3 +239,32 @@ def test_margins_from_max_reject_a_wrong_shape():
   with pytest.raises(ss.ShapeError, match="m_lower"):
     ss.block_margins_from_max(q, cent, jnp.array([[64, 64]], jnp.int32), m_lower[:, :4], 1.0,
                               0.0, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("n_tiles,bk,target", [(512, 8, 256), (512, 8, 528), (64, 8, 256),
+                                               (100, 3, 7), (1, 1, 256), (4096, 64, 256)])
+def test_default_tiles_per_program(n_tiles, bk, target):
+  """The largest divisor of a head's tiles at or below min(32, n_tiles * bk // target), at
+  least 1: against a brute-force search over the divisors."""
+  want = max([t for t in range(1, n_tiles + 1) if n_tiles % t == 0
+              and t <= max(1, min(32, n_tiles * bk // target))])
+  assert ss.default_tiles_per_program(n_tiles, bk, target_programs=target) == want
+
+
+def test_config_target_programs_sets_the_tiles_and_rejects_bad_values():
+  """`ScoreSelectConfig.target_programs` reaches the kernel: with 4 tiles a head and 2 kv heads,
+  target 2 gives 4 tiles a program (2 programs), target 8 one (8 programs): the margins agree
+  with the reference either way."""
+  q, cent, m_lower = make(b=1, k=2, g=4, n=256, d=64, seed=3)
+  q, cent = bf16_exact(q), cent.astype(jnp.bfloat16)
+  nb = jnp.array([[256, 130]], jnp.int32)
+  thr = m_lower - 1.0
+  want = ss.block_margins_reference(q, cent, nb, thr)
+  for target in (2, 8):
+    got = ss.block_margins_mgpu(q, cent, nb, thr, interpret=INTERPRET,
+                                config=ss.ScoreSelectConfig(target_programs=target))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert ss.default_tiles_per_program(4, 2, target_programs=2) == 4
+  assert ss.default_tiles_per_program(4, 2, target_programs=8) == 1
+  with pytest.raises(ss.ConfigError, match="target_programs"):
+    ss.ScoreSelectConfig(target_programs=0)

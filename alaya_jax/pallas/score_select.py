@@ -75,10 +75,12 @@ class Selection(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ScoreSelectConfig:
-  """tiles_per_program: 64-row centroid tiles per program (None: from the size, aiming at a
-  few programs per SM); steps_in_flight: TMA copies in flight per program."""
+  """tiles_per_program: 64-row centroid tiles per program (None: from the size, aiming at
+  `target_programs` programs, `default_tiles_per_program`); steps_in_flight: TMA copies in
+  flight per program."""
   tiles_per_program: int | None = None
   steps_in_flight: int = 3
+  target_programs: int = 256
 
   def __post_init__(self):
     t = self.tiles_per_program
@@ -86,6 +88,8 @@ class ScoreSelectConfig:
       raise ConfigError(f"tiles_per_program must be in [1, 256], got {t}")
     if not 1 <= self.steps_in_flight <= 8:
       raise ConfigError(f"steps_in_flight must be in [1, 8], got {self.steps_in_flight}")
+    if self.target_programs < 1:
+      raise ConfigError(f"target_programs must be positive, got {self.target_programs}")
 
 
 def _check(q, centroids, n_blocks, m_lower):
@@ -375,7 +379,8 @@ def _margins_mgpu(queries, tables, n_blocks, threshold, delta=None, *, config, i
       t = jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0)))
     tabs.append(t.reshape(-1, d))
   n_tiles = n_pad // _TILE
-  tiles = config.tiles_per_program or default_tiles_per_program(n_tiles, bk)
+  tiles = config.tiles_per_program or default_tiles_per_program(
+      n_tiles, bk, target_programs=config.target_programs)
   if n_tiles % tiles:
     raise ConfigError(f"tiles_per_program={tiles} must divide the {n_tiles} tiles of a head")
   per_bk = n_tiles // tiles

@@ -90,13 +90,19 @@ class SparseDecodeConfig:
     attend_read), its attention in one Mosaic GPU kernel (`exact_attention`: gather, scores,
     max, masks, softmax and P.V) where its shapes allow; False (or other plans) in XLA.
     cut_kernel: the in-kernel selection's cut (`top_cap_cut`) in one Mosaic GPU kernel
-    (`top_cut.top_cap_cut_mgpu`) instead of ~8 small XLA kernels."""
+    (`top_cut.top_cap_cut_mgpu`) instead of ~8 small XLA kernels.
+    margins: the margins kernel's tuning. Its default here aims at 528 programs (1 tile a
+    program at 128K), the choice every 32-layer decode measurement up to 2026-11-27 used;
+    the standalone default's 256 (2 tiles at 128K: 4.2 us alone either way) measured 7.32
+    ms/token at 128K in one call on another machine against 7.03 with 528: not yet timed
+    side by side in the loop."""
 
     select: str = "auto"
     attention: ga.GatheredAttentionConfig = ga.GatheredAttentionConfig()
     in_kernel: bool = True
     exact_kernel: bool = True
     cut_kernel: bool = True
+    margins: ss.ScoreSelectConfig = ss.ScoreSelectConfig(target_programs=528)
 
     def __post_init__(self):
         if self.select not in _SELECTS:
@@ -348,14 +354,15 @@ def sparse_attention_pallas(q, store, plan, *, config: SparseDecodeConfig = Spar
         # m' straight from the exact region's kernel: the margins kernel subtracts beta and
         # delta itself (max with the probe's MASK_VALUE is its floor), no XLA kernel between
         margin = ss.block_margins_from_max(q, idx.centroid, n_blocks, exact_max, plan.beta,
-                                           delta, interpret=interpret)
+                                           delta, config=config.margins, interpret=interpret)
     else:
         thr = (jnp.maximum(exact_max, probe_max) - plan.beta
                - jnp.asarray(delta, jnp.float32))  # [B,H]
         if use_est:
             margin = (est - thr[..., None]).reshape(B, K, G, N).max(axis=2)
         else:
-            margin = ss.block_margins_mgpu(q, idx.centroid, n_blocks, thr, interpret=interpret)
+            margin = ss.block_margins_mgpu(q, idx.centroid, n_blocks, thr, config=config.margins,
+                                           interpret=interpret)
     margin = jnp.where(nonempty, margin, MASK_VALUE)
     if force is not None:
         margin = jnp.where(force & nonempty, jnp.float32(_FORCED_MARGIN), margin)
