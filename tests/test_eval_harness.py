@@ -9,7 +9,7 @@ import pytest
 import alaya_jax as aj
 from alaya_jax.eval import perplexity
 from alaya_jax.eval.cli import main
-from alaya_jax.eval.harness import parse_method
+from alaya_jax.eval.harness import expected_batch_s, parse_method
 from tests import tiny_llama as tl
 
 
@@ -166,3 +166,17 @@ def test_eval_resume_runs_only_what_the_earlier_run_did_not(tiny_dir, tmp_path, 
     assert main(["eval", *common[:6], "--samples", "3", *common[8:], "--methods", "full",
                  "--name", "bad", "--resume", path("a")]) == 1
     assert "cannot resume: the earlier run's samples_per_task is 2" in capsys.readouterr().err
+
+
+def test_expected_batch_s_by_length_and_compile_state():
+    """The longest batch at the same length and compile state; a length not yet run in that
+    state takes the longest of any length (a first batch, which compiles, is expected to take
+    as long as the slowest first batch so far); nothing run yet: 0."""
+    assert expected_batch_s({}, 1024, True) == 0.0
+    d = {(1024, True): [400.0], (1024, False): [20.0, 25.0]}
+    assert expected_batch_s(d, 1024, False) == 25.0
+    assert expected_batch_s(d, 2048, True) == 400.0   # 2K's first batch: as long as 1K's
+    assert expected_batch_s(d, 2048, False) == 25.0
+    d[(2048, True)] = [300.0]
+    assert expected_batch_s(d, 2048, True) == 300.0   # its own length once run
+    assert expected_batch_s(d, 4096, True) == 400.0

@@ -124,7 +124,8 @@ def add_eval_parser(subparsers) -> None:
                    help="compile all methods of a length at once on threads (one cache copy each)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-minutes", type=float, default=None,
-                   help="start no new batch after this long; the report lists what did not run")
+                   help="start no batch expected to end past this (a length's first batch, which compiles, "
+                        "as long as the longest first batch so far); the report lists what did not run")
     e.add_argument("--resume", default=None, metavar="RESULT.json",
                    help="an earlier run's result on the same samples and batches: keep its "
                         "records, run only what it did not (e.g. after --max-minutes)")

@@ -171,6 +171,17 @@ def _batches(samples: list, size: int) -> list[list]:
     return [samples[i:i + size] for i in range(0, len(samples), size)]
 
 
+def expected_batch_s(durations: dict, length: int, cold: bool) -> float:
+    """What the next batch at `length` is expected to take: the longest batch run so far at
+    that length in the same compile state (cold: some of its methods compile first), or, for a
+    length not yet run in that state, the longest at any length (0 before any). durations:
+    {(length, cold): [seconds, ...]}."""
+    same = [t for (L, c), ts in durations.items() if c == cold and L == length for t in ts]
+    if not same:
+        same = [t for (_, c), ts in durations.items() if c == cold for t in ts]
+    return max(same, default=0.0)
+
+
 def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], methods: Sequence[str],
              samples: int, out_dir: str | None = None, *, name: str = "eval", batch_size: int = 25,
              batch_tokens: int | None = None, seed: int = 0, max_minutes: float | None = None,
@@ -183,8 +194,10 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
 
     parallel_compile: warm every method up at once on threads at a length's first batch
     (compiles overlap; needs memory for one cache copy per method).
-    max_minutes: stop starting new batches after this long (the report then says which
-    (length, batch) pairs ran; nothing is silently dropped).
+    max_minutes: start no batch that is expected to end past this (`expected_batch_s`: a
+    length's first batch, whose methods compile, is expected to take as long as the longest
+    first batch so far); the report then says which (length, batch) pairs did not run, and
+    nothing is silently dropped.
     resume: a result of an earlier run on the same samples and batches (`check_resumable`):
     its records are kept, its methods and lengths join these, and a method runs on a batch
     only if the earlier run did not (a batch that every method has done is not even
@@ -244,6 +257,7 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         jax=resume["jax"], elapsed_s=resume["elapsed_s"])]
     skipped: list[dict] = []
     warm: set = set()
+    durations: dict = {}  # (length, cold) -> seconds of each batch run
     def _result(records, timing, skipped, plan_left=False):
         elapsed = time.perf_counter() - t_start
         return dict(
@@ -267,7 +281,10 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         bar.update(len(parsed) - len(todo))  # the resumed run's
         if not todo:
             continue
-        if max_minutes is not None and time.perf_counter() - t_start > 60 * max_minutes:
+        cold_batch = any((m.name, L) not in warm for m in todo)
+        t_batch = time.perf_counter()
+        if max_minutes is not None and (t_batch - t_start + expected_batch_s(
+                durations, L, cold_batch) > 60 * max_minutes):
             skipped.append(dict(length=L, samples=len(batch)))
             bar.update(len(todo))
             continue
@@ -329,6 +346,7 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
                                     answers=list(s.answers), score=T.score(s, text), **seq[i]))
             bar.update(1)
         del cache
+        durations.setdefault((L, cold_batch), []).append(time.perf_counter() - t_batch)
         if out_dir is not None:  # partial results survive an interrupted run
             write_outputs(_result(records, timing, skipped, plan_left=True), out_dir, name)
     bar.close()
