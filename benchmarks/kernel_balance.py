@@ -49,6 +49,7 @@ def main():
   args = parse_caps([656, 2048], lambda ap: ap.add_argument(
       "--sweep", action="store_true", help="the balanced split's knobs (see the docstring)"))
   layer, qs, (read_tbps, copy_tbps) = setup("kernel_balance.py")
+  name, plot_fn = ("kernel_balance_sweep", plot_sweep) if args.sweep else ("kernel_balance", plot)
   rows = []
   rng = np.random.default_rng(0)
   for cap, counts_name, kept, cnt, mb in count_cases(rng, args.caps, args.counts):
@@ -64,9 +65,9 @@ def main():
           raise
         print(f"{split}: {type(e).__name__}: {str(e)[:200]}", flush=True)
       if args.sweep:  # written as it goes: a long sweep cut short keeps its rows
-        finish(args.out, "kernel_balance_sweep", rows, (read_tbps, copy_tbps), plot_sweep)
-  finish(args.out, "kernel_balance_sweep" if args.sweep else "kernel_balance", rows,
-         (read_tbps, copy_tbps), plot_sweep if args.sweep else plot)
+        finish(args.out, name, rows, (read_tbps, copy_tbps), plot_fn)
+  if not args.sweep:
+    finish(args.out, name, rows, (read_tbps, copy_tbps), plot_fn)
 
 
 def plot_sweep(rows, meta, path):

@@ -135,9 +135,8 @@ def parse_spec(spec: str):
 def path_overrides(items):
     """The Mosaic GPU path's config with `key=value` items set (None when there are none)."""
     from alaya_jax.pallas import gathered_attention as ga
-    from alaya_jax.pallas import sparse_decode as sd
-
     from alaya_jax.pallas import score_select as ss
+    from alaya_jax.pallas import sparse_decode as sd
 
     dec_fields = {f.name: str(f.type) for f in dataclasses.fields(sd.SparseDecodeConfig)}
     att_fields = {f.name: str(f.type) for f in dataclasses.fields(ga.GatheredAttentionConfig)}
