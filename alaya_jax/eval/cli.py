@@ -54,16 +54,14 @@ def _read_result(path: str) -> dict:
     import json
 
     from alaya_jax.errors import ConfigError
+    from alaya_jax.eval import harness
 
     try:
         with open(path) as f:
             res = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read the eval result {path}: {e}") from e
-    missing = [k for k in ("records", "summary", "methods", "lengths") if k not in res]
-    if missing:
-        raise ConfigError(f"{path} is not an `alaya eval` result (no {', '.join(missing)})")
-    return res
+    return harness.check_result(res, path)
 
 
 def cmd_eval_ppl(args) -> int:

@@ -252,9 +252,7 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
         timing = _timing_of(resume)
         done = {(r["method"], r["length"], r["task"], r["index"]) for r in records}
         log(f"[eval] resuming {len(records)} records of {resume['date']}")
-    earlier = [] if resume is None else [*resume.get("resumed", []), dict(
-        command=resume["command"], date=resume["date"], device=resume["device"],
-        jax=resume["jax"], elapsed_s=resume["elapsed_s"])]
+    earlier = [] if resume is None else [*resume.get("resumed", []), _run_info(resume)]
     skipped: list[dict] = []
     warm: set = set()
     durations: dict = {}  # (length, cold) -> seconds of each batch run
@@ -270,8 +268,7 @@ def run_eval(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], met
             batch_tokens=batch_tokens, seed=seed,
             gen_budget=T.GEN_BUDGET, elapsed_s=round(elapsed, 1), incomplete=skipped,
             summary=summarize(records, timing, methods, tasks, lengths), records=records,
-            timing=[dict(method=m, length=L, **tm) for (m, L), tm in timing.items()],
-            **({"resumed": earlier} if earlier else {}))
+            timing=_timing_list(timing), **({"resumed": earlier} if earlier else {}))
 
     bar = tqdm(total=len(plan) * len(parsed), disable=not progress, desc="eval", unit="run",
                file=sys.stderr)
@@ -588,9 +585,7 @@ def merge_results(results: Sequence[dict], *, label: str = "") -> dict:
     lengths = sorted(lengths)
     timing = {cell: tm for cell, tm in timing.items() if cell in owner}
     devices = list(dict.fromkeys(r["device"] for r in results))
-    sources = [dict(command=r["command"], date=r["date"], device=r["device"], jax=r["jax"],
-                    elapsed_s=r["elapsed_s"], lengths=r["lengths"], methods=r["methods"])
-               for r in results]
+    sources = [dict(_run_info(r), lengths=r["lengths"], methods=r["methods"]) for r in results]
     return dict(
         label=label or first["label"], date=max(r["date"] for r in results),
         command="; ".join(r["command"] for r in results), device=" + ".join(devices),
@@ -601,8 +596,29 @@ def merge_results(results: Sequence[dict], *, label: str = "") -> dict:
         seed=first["seed"], gen_budget=first["gen_budget"],
         elapsed_s=round(sum(r["elapsed_s"] for r in results), 1), incomplete=incomplete,
         summary=summarize(records, timing, methods, first["tasks"], lengths), records=records,
-        timing=[dict(method=m, length=L, **tm) for (m, L), tm in timing.items()],
-        sources=sources)
+        timing=_timing_list(timing), sources=sources)
+
+
+def _run_info(result: dict) -> dict:
+    """What a report lists of an earlier or merged run (`_run_line`)."""
+    return {k: result[k] for k in ("command", "date", "device", "jax", "elapsed_s")}
+
+
+def _timing_list(timing: dict) -> list[dict]:
+    """{(method, length): timing} as a result stores it (`_timing_of` reads it back)."""
+    return [dict(method=m, length=L, **tm) for (m, L), tm in timing.items()]
+
+
+#: The keys every `alaya eval` result has.
+_RESULT_KEYS = ("records", "summary", "methods", "lengths")
+
+
+def check_result(result: dict, source: str = "the earlier run") -> dict:
+    """result, or ConfigError if it lacks a key of an `alaya eval` result (source names it)."""
+    missing = [k for k in _RESULT_KEYS if k not in result]
+    if missing:
+        raise ConfigError(f"{source} is not an `alaya eval` result (no {', '.join(missing)})")
+    return result
 
 
 def _timing_of(result: dict) -> dict:
@@ -632,9 +648,7 @@ def check_resumable(result: dict, **want):
     """Raises ConfigError unless `result` (an earlier run) was made on the samples and batches
     of a run with these settings (`run_eval(resume=...)`): the same model, seed, samples per
     task, tasks, answer budget, batch size and token cap."""
-    missing = [k for k in ("records", "summary", "methods", "lengths") if k not in result]
-    if missing:
-        raise ConfigError(f"not an `alaya eval` result (no {', '.join(missing)})")
+    check_result(result)
     for key, value in want.items():
         if result.get(key) != value:
             raise ConfigError(f"cannot resume: the earlier run's {key} is {result.get(key)!r}, "
