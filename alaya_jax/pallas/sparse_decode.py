@@ -91,18 +91,16 @@ class SparseDecodeConfig:
     max, masks, softmax and P.V) where its shapes allow; False (or other plans) in XLA.
     cut_kernel: the in-kernel selection's cut (`top_cap_cut`) in one Mosaic GPU kernel
     (`top_cut.top_cap_cut_mgpu`) instead of ~8 small XLA kernels.
-    margins: the margins kernel's tuning. Its default here aims at 528 programs (1 tile a
-    program at 128K), the choice every 32-layer decode measurement up to 2026-11-27 used;
-    the standalone default's 256 (2 tiles at 128K: 4.2 us alone either way) measured 7.32
-    ms/token at 128K in one call on another machine against 7.03 with 528: not yet timed
-    side by side in the loop."""
+    margins: the margins kernel's tuning (its default aims at 256 programs, 2 tiles a program
+    at 128K). Side by side in one 32-layer call (2026-11-27, H200) the earlier loop setting of
+    528 programs (1 tile) took 7.27 ms/token at 128K against 6.89 with 256 (4K: 5.64 both)."""
 
     select: str = "auto"
     attention: ga.GatheredAttentionConfig = ga.GatheredAttentionConfig()
     in_kernel: bool = True
     exact_kernel: bool = True
     cut_kernel: bool = True
-    margins: ss.ScoreSelectConfig = ss.ScoreSelectConfig(target_programs=528)
+    margins: ss.ScoreSelectConfig = ss.ScoreSelectConfig()
 
     def __post_init__(self):
         if self.select not in _SELECTS:
