@@ -128,6 +128,9 @@ class GatheredAttentionConfig:
   split_merge: "kernel" merges the splits' partials in a Mosaic GPU kernel
     (`split_merge.merge_partials`; where `merge_width` allows, else XLA), "xla" in one XLA
     reduction (`merge_splits`).
+  profile_dir: a directory: the attention kernel records its phases per program ("place",
+    "inputs", "pipeline", "store") with Mosaic GPU's on-device profiler and writes a trace
+    there each call (GPU only; `benchmarks/kernel_profile.py` reads it). None: off.
   pdl: with the merge kernel, launch it as a programmatic dependent of the attention kernel
     (each attention program signals `griddepcontrol.launch_dependents` as it starts; the merge
     waits with `griddepcontrol.wait` before reading the partials): its launch overlaps the
@@ -140,6 +143,7 @@ class GatheredAttentionConfig:
   programs: int | None = None
   split_merge: str = "kernel"
   pdl: bool = False
+  profile_dir: str | None = None
 
   def __post_init__(self):
     b = self.blocks_per_program
@@ -405,30 +409,32 @@ def _attention_kernel(
     plgpu.griddepcontrol_launch_dependents()
   ids_off = 0  # where the program's entries start in ids_smem
   if balance is not None:  # the counts of every kv head first: they place this program
-    plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(0, cnt_smem.shape[0])], cnt_smem, bars.at[3])
-    plgpu.barrier_wait(bars.at[3])
-    active, bk, split, first, stop, n_split = _balanced_share(cnt_smem, pid, cap, balance)
-    slot = bk * splits + split
-    ids_start = pl.multiple_of(lax.div(bk * cap + first, 4) * 4, 4)
-    ids_off = bk * cap + first - ids_start
+    with jax.named_scope("place"):
+      plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(0, cnt_smem.shape[0])], cnt_smem, bars.at[3])
+      plgpu.barrier_wait(bars.at[3])
+      active, bk, split, first, stop, n_split = _balanced_share(cnt_smem, pid, cap, balance)
+      slot = bk * splits + split
+      ids_start = pl.multiple_of(lax.div(bk * cap + first, 4) * 4, 4)
+      ids_off = bk * cap + first - ids_start
   else:
     bk = lax.div(pid, jnp.int32(splits))
     split = lax.rem(pid, jnp.int32(splits))
     slot = pid
     ids_start = pl.multiple_of(bk * cap + split * chunk, 4)
-  # Copies start on aligned rows/words: 8 rows for the tiled q tile, 16 bytes for 1-D ones.
-  q_start = pl.multiple_of(lax.div(bk * g, 8) * 8, 8)
-  plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(q_start, q_rows)], q_smem.at[pl.ds(0, q_rows)],
-                          bars.at[0])
-  plgpu.copy_gmem_to_smem(thr_gmem.at[pl.ds(q_start, q_rows)], thr_smem.at[pl.ds(0, q_rows)],
-                          bars.at[1])
-  plgpu.copy_gmem_to_smem(kept_gmem.at[pl.ds(ids_start, ids_smem.shape[0])],
-                          marg_smem if scan else ids_smem, bars.at[2])
-  if balance is None:
-    cnt_start = pl.multiple_of(lax.div(bk, 4) * 4, 4)
-    plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(cnt_start, 4)], cnt_smem, bars.at[3])
-  for i in range(3 if balance is not None else 4):
-    plgpu.barrier_wait(bars.at[i])
+  with jax.named_scope("inputs"):
+    # Copies start on aligned rows/words: 8 rows for the tiled q tile, 16 bytes for 1-D ones.
+    q_start = pl.multiple_of(lax.div(bk * g, 8) * 8, 8)
+    plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(q_start, q_rows)], q_smem.at[pl.ds(0, q_rows)],
+                            bars.at[0])
+    plgpu.copy_gmem_to_smem(thr_gmem.at[pl.ds(q_start, q_rows)],
+                            thr_smem.at[pl.ds(0, q_rows)], bars.at[1])
+    plgpu.copy_gmem_to_smem(kept_gmem.at[pl.ds(ids_start, ids_smem.shape[0])],
+                            marg_smem if scan else ids_smem, bars.at[2])
+    if balance is None:
+      cnt_start = pl.multiple_of(lax.div(bk, 4) * 4, 4)
+      plgpu.copy_gmem_to_smem(cnt_gmem.at[pl.ds(cnt_start, 4)], cnt_smem, bars.at[3])
+    for i in range(3 if balance is not None else 4):
+      plgpu.barrier_wait(bars.at[i])
   if scan:  # this program's blocks split + splits * [0, chunk): keep margin >= cut
     n_entries = _select_in_kernel(marg_smem, ids_smem, tri_smem, sel_cnt_smem,
                                   cnt_smem[lax.rem(bk, 4)], split, splits,
@@ -533,6 +539,7 @@ def _attention_kernel(
     return plgpu.BlockSpec((_LEN_WINDOW,),
                            lambda i: (lax.div(block(i * per_step + t), _LEN_WINDOW),))
 
+  @jax.named_scope("store")
   def _stores(write, scratch):  # the program's outputs; balanced: only a placed program's,
     # and the first program of each kv head also writes the head's number of programs
     if balance is None:
@@ -554,14 +561,15 @@ def _attention_kernel(
 
   m0 = _mgpu.layout_cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret)
   if max_only:
-    (m,) = plgpu.emit_pipeline(
-        max_step,
-        grid=(n_steps,),
-        in_specs=([kv_spec(t, k_transforms) for t in range(per_step)]
-                  + [len_spec(t) for t in range(per_step)]),
-        max_concurrent_steps=steps_in_flight,
-        init_carry=(m0,),
-    )(*[k_gmem] * per_step, *[blen_gmem] * per_step)
+    with jax.named_scope("pipeline"):
+      (m,) = plgpu.emit_pipeline(
+          max_step,
+          grid=(n_steps,),
+          in_specs=([kv_spec(t, k_transforms) for t in range(per_step)]
+                    + [len_spec(t) for t in range(per_step)]),
+          max_concurrent_steps=steps_in_flight,
+          init_carry=(m0,),
+      )(*[k_gmem] * per_step, *[blen_gmem] * per_step)
 
     def store_max(mx_smem):
       mx_smem[...] = m
@@ -578,13 +586,14 @@ def _attention_kernel(
   specs = ([kv_spec(t, k_transforms) for t in range(per_step)]
            + [kv_spec(t, v_transforms) for t in range(per_step)]
            + [len_spec(t) for t in range(per_step)])
-  acc, m, l, c = plgpu.emit_pipeline(
-      step,
-      grid=(n_steps,),
-      in_specs=specs,
-      max_concurrent_steps=steps_in_flight,
-      init_carry=(acc0, m0, l0, l0),
-  )(*[k_gmem] * per_step, *[v_gmem] * per_step, *[blen_gmem] * per_step)
+  with jax.named_scope("pipeline"):
+    acc, m, l, c = plgpu.emit_pipeline(
+        step,
+        grid=(n_steps,),
+        in_specs=specs,
+        max_concurrent_steps=steps_in_flight,
+        init_carry=(acc0, m0, l0, l0),
+    )(*[k_gmem] * per_step, *[v_gmem] * per_step, *[blen_gmem] * per_step)
 
   empty = m == MASK_VALUE  # no kept key in this program's blocks (see `es` above)
   l_safe = jnp.where(empty, 1.0, l)
@@ -801,7 +810,9 @@ def _launch(q, keys, values, block_len, kept, kept_count, threshold, *,
       grid_names=("p",),
       kernel_name="alaya_kept_max" if max_only else (
           "alaya_select_attention" if scan else "alaya_gathered_attention"),
-      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+      compiler_params=None if interpret else plgpu.CompilerParams(
+          approx_math=True, **({} if config.profile_dir is None else dict(
+              profile_space=16, profile_dir=config.profile_dir))),
       scratch_types=[
           plgpu.SMEM((_ROWS, d), dtype, transforms=qk_t),
           plgpu.SMEM((_ROWS,), jnp.float32),
