@@ -195,18 +195,23 @@ def choose_plan(shape: QueryShape, beta: float = 4.0, available: Sequence[str] =
 def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8,
                        head_dim: int = 64, repeats: int = 5, read_fraction: Optional[dict] = None,
                        cluster_size: int = 32, page_size: int = 32, layers: int = 4,
-                       log=print) -> dict:
+                       log=print, dtype=None, cluster_caps=(0.1, 0.3)) -> dict:
     """Times the flat, block and cluster DIPR paths on the default device and fits
     time = overhead + bytes / bandwidth per path (from the contexts given). Returns the JSON
-    dict of a CostTable (write it to cost_tables/<kind>.json). Synthetic bf16 keys, beta 4.
+    dict of a CostTable (write it to cost_tables/<kind>.json). Synthetic keys in `dtype`
+    (default: the model's default on this backend, `default_dtype()`: bf16 on a GPU, f32 on
+    the CPU, whose decode caches are then f32), beta 4.
 
     A time is one layer's call inside a jitted function that calls `layers` (>= 2) layers in
     a row, each on its own store (as in the decode loop: no layer's index left in the cache
     for the next): the time of all layers less that of one, over layers - 1 (the call's
     dispatch cancels). The plan is the one the DIPR method runs (the GPU kernels where they
     apply); block plans with a capacity of 10% of the groups, cluster plans (every block
-    passing its margin) with capacities of 10% and 30%, so that the cluster path's time is
-    fitted as overhead + per-row work + keys read (`row_bandwidth_gbs`)."""
+    passing its margin) with capacities of `cluster_caps` (10% and 30%), so that the cluster
+    path's time is fitted as overhead + per-row work + keys read (`row_bandwidth_gbs`); where
+    that fit fails, as overhead + bytes / bandwidth over the same runs (take capacities near
+    the read fractions the table's betas need: the CPU's jnp cluster path grows faster than
+    linearly in its capacity)."""
     import time
 
     import jax
@@ -217,6 +222,9 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
     from alaya_jax.index.cluster import ClusterConfig
     from alaya_jax.index.synthetic import synthetic_kv
     from alaya_jax.methods import CLUSTER_PLAN
+    from alaya_jax.model.load import default_dtype
+
+    dtype = jnp.dtype(dtype or default_dtype())
 
     def calls(q, stores, plan):
         return sum(jnp.sum(sparse_attention(q, st, plan)[0]) for st in stores)
@@ -234,10 +242,10 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
         stores = []
         for layer in range(layers):
             q, k, v = synthetic_kv(1, S, heads, kv_heads, head_dim, seed=layer)
-            q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+            q, k, v = (jnp.asarray(a, dtype) for a in (q, k, v))
             stores.append(build_store(k, v, jnp.asarray([S], jnp.int32), cfg, n_heads=heads))
         jax.block_until_ready(stores)
-        runs = [("flat", None), ("block", 0.1), ("cluster", 0.1), ("cluster", 0.3)]
+        runs = [("flat", None), ("block", 0.1)] + [("cluster", c) for c in cluster_caps]
         for path, cap in runs:
             groups = S // (cluster_size if path == "cluster" else page_size)
             # cluster: every block passes (delta inf), so the capacity sets the keys read
@@ -258,12 +266,13 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
             per_layer = (timed(stores) - timed(stores[:1])) / max(layers - 1, 1)
             stats = stats_of(q, stores[0], plan)
             read = float(np.mean(np.asarray(stats.keys_read)))  # rows + keys, per kv head
-            bytes_ = kv_heads * read * 2 * head_dim * 2  # k and v (rows: upper bound), bf16
+            bytes_ = kv_heads * read * 2 * head_dim * dtype.itemsize  # k and v (rows: bound)
             meas[path].append((bytes_, max(per_layer, 1e-9) * 1e6))
             if path == "cluster":  # the estimate's row count (S / C) and the keys read
                 kept = read - float(np.mean(np.asarray(stats.rows_scored)))
-                cluster_rows.append((kv_heads * S / cluster_size * head_dim * 2,
-                                     kv_heads * 2 * kept * head_dim * 2, meas[path][-1][1]))
+                cluster_rows.append((kv_heads * S / cluster_size * head_dim * dtype.itemsize,
+                                     kv_heads * 2 * kept * head_dim * dtype.itemsize,
+                                     meas[path][-1][1]))
             log(f"cost table: {path:8s} context {S:7d}"
                 + (f", capacity {cap:.0%}" if cap else "")
                 + f": {meas[path][-1][1]:9.1f} us per layer, {bytes_ / 1e6:9.2f} MB read")
@@ -288,8 +297,8 @@ def measure_cost_table(contexts=(4096, 16384), kv_heads: int = 2, heads: int = 8
                 measured_us={p: [dict(bytes=b, us=t) for b, t in pts] for p, pts in meas.items()},
                 cluster_runs=[dict(row_bytes=r, key_bytes=k, us=t) for r, k, t in cluster_rows],
                 source=f"measure_cost_table(contexts={tuple(contexts)}, kv_heads={kv_heads}, "
-                       f"heads={heads}, head_dim={head_dim}, layers={layers}) on {dev}, jax "
-                       f"{jax.__version__}")
+                       f"heads={heads}, head_dim={head_dim}, layers={layers}, dtype={dtype.name}, "
+                       f"cluster_caps={tuple(cluster_caps)}) on {dev}, jax {jax.__version__}")
 
 
 def fit_rows_and_keys(runs):

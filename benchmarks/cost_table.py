@@ -1,7 +1,8 @@
 """Measures the query optimizer's cost table on this device and writes it.
 
     python benchmarks/cost_table.py --contexts 4096 131072            # Llama-3-8B layer shapes
-    python benchmarks/cost_table.py --small --contexts 2048 8192      # SmolLM2 shapes (CPU)
+    python benchmarks/cost_table.py --small --contexts 2048 8192 16384 --cluster-caps 0.03 0.1
+                                                                    # SmolLM2 shapes (CPU)
 
 Per path (flat, block, cluster DIPR at beta 4) one layer's call is timed inside a jitted
 function over several layers, each with its own store (`optimizer.measure_cost_table`), and
@@ -27,6 +28,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=5, help="layers (stores) per timed call, >= 2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="SmolLM2 shapes (9 q / 3 kv heads, d 64)")
+    ap.add_argument("--cluster-caps", type=float, nargs="+", default=[0.1, 0.3],
+                    help="capacities (fractions of the clusters) the cluster path is timed at")
     ap.add_argument("--out", default=None, help="JSON path (default: the device's cost table)")
     args = ap.parse_args(argv)
     heads, kv, d = (9, 3, 64) if args.small else (32, 8, 128)
@@ -36,6 +39,7 @@ def main(argv=None):
     table = optimizer.measure_cost_table(tuple(args.contexts), kv_heads=kv, heads=heads,
                                          head_dim=d, repeats=args.repeats, layers=args.layers,
                                          read_fraction=old.read_fraction,
+                                         cluster_caps=tuple(args.cluster_caps),
                                          log=lambda m: print(m, flush=True))
     kind = table["device_kind"]
     name = "cpu" if kind == "cpu" else kind.lower().replace(" ", "_")

@@ -109,6 +109,8 @@ def parse_method(spec: str):
         kw = dict(COMPACT_LAYOUT) if "compact" in flags else {}
         return M.DIPR(float(beta), "auto", capacity_fraction=float(cap) if cap else None,
                       one_pass="onepass" in flags, **kw)
+    if name in ("dipr-flat", "dipr-block"):  # dipr-flat:beta / dipr-block:beta: that index
+        return M.DIPR(float(arg), name.removeprefix("dipr-"))
     if name == "quest":
         return M.Quest(int(arg))
     raise SystemExit(f"unknown method {spec!r}")
@@ -191,7 +193,8 @@ def main(argv=None):
                     default=["full", "dipr:4:0.05:xla", "dipr:4:0.05:pallas"],
                     help="full | dipr:BETA:CAPACITY_FRACTION[:auto|xla|pallas"
                          "[:compact][:onepass][:f32][:noprobe]] | "
-                         "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | quest:PAGES; "
+                         "dipr-auto:BETA[:CAPACITY_FRACTION[:compact][:onepass]] | dipr-flat:BETA | "
+                         "dipr-block:BETA | quest:PAGES; "
                          "any sparse method[:nostats][:calib]: timed without its statistics / "
                          "with its index calibrated on a real prefill's queries; "
                          "[@key=val+key=val]: Mosaic GPU path config fields (margins.FIELD: the margins kernel's)")

@@ -103,3 +103,24 @@ def test_committed_tables_load():
 def test_query_shape_validation():
     with pytest.raises(ConfigError, match="multiple"):
         QueryShape(context=10, heads=6, kv_heads=4)
+
+
+def test_measure_cost_table_counts_bytes_in_the_cache_dtype():
+    """A tiny measurement in f32 and in bf16: bytes in each dtype's size (the CPU table is
+    measured in the CPU model's f32); the cluster path at the capacities asked for; the result
+    loads as a CostTable."""
+    import jax.numpy as jnp
+
+    from alaya_jax.optimizer import measure_cost_table
+    kw = dict(contexts=(256, 512), kv_heads=1, heads=2, head_dim=16, repeats=1, layers=2,
+              cluster_caps=(0.25, 0.5), log=lambda m: None)
+    f32 = measure_cost_table(dtype=jnp.float32, **kw)
+    bf16 = measure_cost_table(dtype=jnp.bfloat16, **kw)
+    # flat reads every key: K and V of each position, 16 values a row
+    assert [m["bytes"] for m in f32["measured_us"]["flat"]] == [2 * S * 16 * 4 for S in (256, 512)]
+    assert [m["bytes"] for m in bf16["measured_us"]["flat"]] == [2 * S * 16 * 2 for S in (256, 512)]
+    assert len(f32["cluster_runs"]) == 4  # two capacities a context
+    assert "dtype=float32" in f32["source"] and "cluster_caps=(0.25, 0.5)" in f32["source"]
+    fields = {f.name for f in dataclasses.fields(CostTable)}
+    t = CostTable(**{k: v for k, v in f32.items() if k in fields})
+    assert all(v > 0 for v in t.bandwidth_gbs.values())
