@@ -51,16 +51,17 @@ def sm_clock_mhz() -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def placement(counts, cap: int, programs: int, floor: int):
-  """The balanced split on the host (`ga._balanced_share` for every program): entries (kept
-  blocks) of each placed program, in program order."""
-  c_h = np.minimum(np.asarray(counts).reshape(-1), cap)
-  c = max(-(-int(c_h.sum()) // programs), floor)
-  out = []
-  for ch in c_h:
-    n_h = max(-(-int(ch) // c), 1)
-    out += [int(min(c, ch - s * c)) if ch > s * c else 0 for s in range(n_h)]
-  return out
+def placement(counts, cap: int, cfg) -> list[int]:
+  """Kept blocks of each launched program (0: not placed), from the kernel's own placement
+  (`ga._balanced_share`, mapped over the program ids on the host)."""
+  import jax
+  import jax.numpy as jnp
+  cap = -(-cap // 4) * 4  # the capacity the kernel sees (`_launch` pads it to 4)
+  bal, _, launched, _ = ga._balance_layout(cap, K, 1, cfg)
+  c = jnp.asarray(np.asarray(counts).reshape(-1))
+  active, _, _, first, stop, _ = jax.vmap(lambda p: ga._balanced_share(c, p, cap, bal))(
+      jnp.arange(launched))
+  return np.where(active, stop - first, 0).tolist()
 
 
 def read_trace(path: str, clock_mhz: float):
@@ -110,8 +111,8 @@ def summarize(progs, blocks):
     s["pipeline_begins_us"] = dict(median=round(float(np.median(first_block)), 3),
                                    p90=round(float(np.percentile(first_block, 90)), 3))
   nb = np.array([blocks[p] if p < len(blocks) else 0 for p in pids], float)
-  pipe = np.array([np.subtract(*progs[p]["phases"]["pipeline"][::-1])
-                   if "pipeline" in progs[p]["phases"] else 0.0 for p in pids])
+  pipe = np.array([e - b for b, e in (progs[p]["phases"].get("pipeline", (0.0, 0.0))
+                                      for p in pids)])
   live = nb > 0
   if live.sum() > 2 and np.ptp(nb[live]) > 0:
     slope, icpt = np.polyfit(nb[live], pipe[live], 1)
@@ -120,7 +121,7 @@ def summarize(progs, blocks):
                                  max=int(nb.max()), placed=int(live.sum()))
   return s, dict(start=start.tolist(), end=end.tolist(), blocks=nb.tolist(), pipeline=pipe.tolist(),
                  sm=[progs[p]["sm"] for p in pids],
-                 phases=[{k: v for k, v in progs[p]["phases"].items()} for p in pids])
+                 phases=[dict(progs[p]["phases"]) for p in pids])
 
 
 def profiled(cfg, layer, q, kept, cnt, clock_mhz: float):
@@ -157,11 +158,10 @@ def main():
   cfg = ga.GatheredAttentionConfig()
   for cap, counts_name, kept, cnt, mb in count_cases(rng, args.caps, args.counts):
     row = timed_row(cfg, layer, qs, kept, cnt, mb, copy_tbps, cap=cap, counts=counts_name)
-    bal, _, _, _ = ga._balance_layout(-(-cap // 4) * 4, K, 1, cfg)
     cur, most = sm_clock_mhz()
     clock = cur or most or 1980.0
     summ, tl = summarize(profiled(cfg, layer, qs[0], kept, cnt, clock),
-                         placement(cnt, cap, bal.programs, bal.floor))
+                         placement(cnt, cap, cfg))
     row["profile"] = dict(summ, sm_clock_mhz=clock, sm_clock_max_mhz=most)
     rows.append(row)
     timelines[f"{cap}:{counts_name}"] = tl
