@@ -127,8 +127,8 @@ def scaled_scores(q, k):
     B, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, D)
-    # a plain GEMM against the block-diagonal query (`_plain_gemm`); a 16-bit q in the cache's
-    # dtype stays in it: exact, one GEMM
+    # a plain GEMM against the block-diagonal query (`_plain_gemm` says why, `_gemm` how); a
+    # 16-bit q in the cache's dtype stays in it: exact, one GEMM
     qb = qg if q.dtype == k.dtype else qg.astype(jnp.float32)
     return _gemm("xbch,bsc->xbhs", _block_diagonal(qb, K), k.reshape(B, S, K * D)) / math.sqrt(D)
 
@@ -150,7 +150,7 @@ def masked_attention(scores, mask, v):
     B, H, S = scores.shape
     K, D = v.shape[2], v.shape[3]
     p, l, m = softmax_parts(scores, mask)
-    # [B,H,S] x [B,S,K*D] -> [B,H,K*D], then each head's own kv block (`_plain_gemm`)
+    # [B,H,S] x [B,S,K*D] -> [B,H,K*D], then each head's own kv block (`_plain_gemm`, `_gemm`)
     full = _gemm("xbhs,bsc->xbhc", p, v.reshape(B, S, K * D)).reshape(B, K, H // K, K, D)
     pv = jnp.einsum("bkgjd,kj->bkgd", full, jnp.eye(K, dtype=full.dtype))
     return normalize(pv.reshape(B, H, D), l, m)
