@@ -12,6 +12,9 @@ kernel's duration from the profiler (GPU time, launch gaps excluded):
   - "merge": the split merge (`split_merge.merge_partials_rows`) on the ragged case's shapes
     (8 kv heads, 44 partial rows, G 4, D 128; 33 counted), alone: not after the attention
     kernel (its inputs come from an XLA kernel just before it, so they sit in L2 as well).
+  - "empty after attention" / "merge after attention": the ragged 68 MB attention kernel
+    (kernel_waves' layer and counts, cap 656) and right after it, reading its output, the
+    empty kernel or the merge: what a kernel costs when it follows the attention kernel.
 Writes kernel_floor.json and kernel_floor.png (median us a kernel). The committed run
 (2026-11-27) also timed the merge kernel it replaced ("merge tma": the partials staged in
 shared memory by one TMA copy, merged in two passes), built from that session's tree.
@@ -31,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from alaya_jax.pallas import split_merge as sm  # noqa: E402
 from bench_io import run_meta, write_json  # noqa: E402
 from gpu_trace import kernel_events  # noqa: E402
+from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 
 
 def empty_kernel(programs: int, smem_kb: int):
@@ -74,6 +78,29 @@ def main():
   }
   cases["merge"] = (lambda o, l, c, i: sm.merge_partials_rows(o + i, l, c), (o_part, lb, rows),
                     "alaya_split_merge")
+  import kernel_waves as kw
+  layer = kw.random_layer()
+  _, _, kept, cnt, _ = next(c for c in kw.count_cases(np.random.default_rng(0), [656])
+                            if c[1] == "ragged")
+  cfg = ga.GatheredAttentionConfig()
+
+  def partials(q, kept, cnt, keys, vals, blen, thr):
+    return ga._launch(q, keys, vals, blen, kept, cnt, thr, config=cfg, interpret=False)
+
+  def empty_after(q, *rest):
+    part = partials(q, *rest)
+    return empty_kernel(p, 0)(part.o_part.reshape(-1, 128))  # (a bitcast: no copy between)
+
+  def merge_after(q, *rest):
+    part = partials(q, *rest)
+    return sm.merge_partials_rows(part.o_part, part.lb_part, part.count)
+
+  q = jax.random.normal(jax.random.key(2), (kw.B, kw.K * kw.G, kw.D), jnp.bfloat16)
+  att_args = (q, kept, cnt, *layer)
+  cases["empty after attention"] = (lambda *a: empty_after(a[0] + a[-1], *a[1:-1]),
+                                    att_args, "floor_empty")
+  cases["merge after attention"] = (lambda *a: merge_after(a[0] + a[-1], *a[1:-1]),
+                                    att_args, "alaya_split_merge")
   out = []
   for name, (f, fargs, match) in cases.items():
     jax.block_until_ready(jax.jit(lambda *a: [f(*a, i) for i in range(args.calls)])(*fargs))

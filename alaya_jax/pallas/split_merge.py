@@ -16,8 +16,8 @@ H200, benchmarks/merge_kernel.py). Here each program (a kv head x W of the D col
 the loads of all its partials from global memory into registers at once, so their latencies
 overlap, and merges them there (online over groups of `_GROUP` partials, bounding registers).
 It replaced a kernel that staged the partials in shared memory with one TMA copy and merged
-them in two passes: 1.97 against 2.30 us alone, the same ~2.8 us after the attention kernel
-(H200, benchmarks/results/kernel_floor.json, merge_kernel_loads.json).
+them in two passes: 1.97 against 2.30 us alone, the same 2.7-2.9 us after the attention
+kernel (H200, benchmarks/results/kernel_floor.json, merge_kernel_loads.json).
 
 The partials' lse comes broadcast over W columns because the merge runs elementwise in a
 strided layout (G*W/128 values a thread), which has no broadcast of a per-row value (nor a
