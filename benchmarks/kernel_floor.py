@@ -8,7 +8,8 @@ kernel's duration from the profiler (GPU time, launch gaps excluded):
   - "mosaic empty": a Mosaic GPU kernel of --programs programs of one warpgroup, each storing
     one f32 row of 128 from registers (its only work);
   - "mosaic empty + smem": the same with 128 KB of shared memory scratch allocated;
-  - "xla elementwise": x + 1 on 128 x --programs f32 (one XLA kernel);
+  - "xla elementwise": x * (i + 2) on 128 x --programs f32 (XLA fuses the calls into one
+    kernel);
   - "merge": the split merge (`split_merge.merge_partials_rows`) on the ragged case's shapes
     (8 kv heads, 44 partial rows, G 4, D 128; 33 counted), alone: not after the attention
     kernel (its inputs come from an XLA kernel just before it, so they sit in L2 as well).
@@ -31,10 +32,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_waves as kw  # noqa: E402
+from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 from alaya_jax.pallas import split_merge as sm  # noqa: E402
 from bench_io import run_meta, write_json  # noqa: E402
 from gpu_trace import kernel_events  # noqa: E402
-from alaya_jax.pallas import gathered_attention as ga  # noqa: E402
 
 
 def empty_kernel(programs: int, smem_kb: int):
@@ -75,10 +77,9 @@ def main():
       "mosaic empty": (lambda x, i: empty_kernel(p, 0)(x + i), (x,), "floor_empty"),
       "mosaic empty + smem": (lambda x, i: empty_kernel(p, 128)(x + i), (x,), "floor_empty_smem"),
       "xla elementwise": (lambda x, i: x * (i + 2.0), (x,), "fusion"),
+      "merge": (lambda o, l, c, i: sm.merge_partials_rows(o + i, l, c), (o_part, lb, rows),
+                "alaya_split_merge"),
   }
-  cases["merge"] = (lambda o, l, c, i: sm.merge_partials_rows(o + i, l, c), (o_part, lb, rows),
-                    "alaya_split_merge")
-  import kernel_waves as kw
   layer = kw.random_layer()
   _, _, kept, cnt, _ = next(c for c in kw.count_cases(np.random.default_rng(0), [656])
                             if c[1] == "ragged")

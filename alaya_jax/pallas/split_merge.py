@@ -116,7 +116,7 @@ def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, t_smem, *, s, g, 
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  if pdl and not interpret:
+  if pdl and not interpret:  # launched early: the partials are complete only after this
     plgpu.griddepcontrol_wait()
 
   pid = lax.axis_index("p")
