@@ -16,13 +16,15 @@ kernel's duration from the profiler (GPU time, launch gaps excluded):
   - "empty after attention" / "merge after attention": the ragged 68 MB attention kernel
     (kernel_waves' layer and counts, cap 656) and right after it, reading its output, the
     empty kernel or the merge: what a kernel costs when it follows the attention kernel.
-Writes kernel_floor.json and kernel_floor.png (median us a kernel). The committed run
-(2026-11-27) also timed the merge kernel it replaced ("merge tma": the partials staged in
-shared memory by one TMA copy, merged in two passes), built from that session's tree.
+Writes kernel_floor.json and kernel_floor.png (median us a kernel); --replot JSON redraws the
+plot of a committed run. The committed run (2026-11-27) timed the merge variant tried on branch
+`merge-registers` (its rows say "merge registers"); its first_run also the merge on main
+("merge tma": one TMA copy into shared memory, two passes).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -62,7 +64,13 @@ def main():
   ap.add_argument("--programs", type=int, default=32)
   ap.add_argument("--calls", type=int, default=16)
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  ap.add_argument("--replot", metavar="JSON", help="redraw the plot of a written run and exit")
   args = ap.parse_args()
+  if args.replot:
+    with open(args.replot) as fh:
+      run = json.load(fh)
+    plot(run["rows"], run, os.path.splitext(args.replot)[0] + ".png")
+    return
   if jax.default_backend() != "gpu":
     raise SystemExit("kernel_floor.py times Mosaic GPU kernels: it needs an NVIDIA GPU")
   p = args.programs
@@ -112,17 +120,21 @@ def main():
     out.append(r)
   meta = run_meta(programs=p, calls=args.calls)
   write_json(args.out, "kernel_floor", meta, out)
+  plot(out, meta, os.path.join(args.out, "kernel_floor.png"))
+
+
+def plot(rows, meta, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 3))
-  ax.barh([r["case"] for r in out], [r["median_us"] for r in out], color="#4c72b0")
-  for i, r in enumerate(out):
+  ax.barh([r["case"] for r in rows], [r["median_us"] for r in rows], color="#4c72b0")
+  for i, r in enumerate(rows):
     ax.text(r["median_us"], i, f" {r['median_us']:.2f}", va="center", fontsize=8)
   ax.set_xlabel("GPU us a kernel (median)")
-  ax.set_title(f"kernel floors ({meta['device']}, {p} programs)", fontsize=9)
+  ax.set_title(f"kernel floors ({meta['device']}, {meta['programs']} programs)", fontsize=9)
   fig.tight_layout()
-  fig.savefig(os.path.join(args.out, "kernel_floor.png"), dpi=110)
+  fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ writes a normalized partial (o and its lse). Merging them:
 
 Why a kernel: XLA reduces over the splits with one serial chain per output element, each step
 a load from L2 whose latency is the cost (4.7 us for 33 partials of 8 kv heads x 4 x 128 on an
-H200, benchmarks/merge_kernel.py). Here each program (a kv head x W of the D columns) issues
-the loads of all its partials from global memory into registers at once, so their latencies
-overlap, and merges them there (online over groups of `_GROUP` partials, bounding registers).
-It replaced a kernel that staged the partials in shared memory with one TMA copy and merged
-them in two passes: 1.97 against 2.30 us alone, the same 2.7-2.9 us after the attention
-kernel (H200, benchmarks/results/kernel_floor.json, merge_kernel_loads.json).
+H200, benchmarks/merge_kernel.py). Here each program (a kv head x W of the D columns) loads
+all its partials in one TMA copy, then merges them out of shared memory in two passes (the max,
+then the weights), four partials at a time, and stores o straight from registers. Tried and
+not merged (session 17, branch `merge-registers`): every partial loaded from global memory
+straight into registers, all loads in flight at once. It took 1.97 us against this kernel's
+2.30 alone, but the same 2.7-2.9 us right after the attention kernel, and its unrolled loads
+compiled for 64 s at 264 partials (H200; benchmarks/results/kernel_floor.json,
+merge_kernel_loads.json).
 
 The partials' lse comes broadcast over W columns because the merge runs elementwise in a
 strided layout (G*W/128 values a thread), which has no broadcast of a per-row value (nor a
@@ -36,23 +38,26 @@ from alaya_jax.errors import ShapeError
 from alaya_jax.pallas import _mgpu
 from alaya_jax.pallas._mgpu import EMPTY_LSE
 
-#: Partials a merge program holds in registers at once (2 values a thread and element each).
-_GROUP = 32
-#: Most partials a kv head may have for the kernel (its loads are unrolled); past it, XLA.
-_MOST_PARTIALS = 512
+#: Shared memory a merge program may take for its partials (two [S, G, W] f32 buffers).
+_SMEM_BUDGET = 160 * 1024
+#: Partials merged per loop step (independent chains that hide shared-memory latency).
+_UNROLL = 4
 
 
 def merge_width(g: int, d: int, s: int) -> int | None:
   """The W columns a merge program takes: the narrowest divisor of D with G*W a multiple of
-  128 (the warpgroup's threads) and W*4 bytes a multiple of 16 (the attention kernel writes the
-  broadcast lse by TMA), so that the most programs share the merge; None where none exists or
-  there are more than `_MOST_PARTIALS` partials."""
-  if s > _MOST_PARTIALS:
-    return None
+  128 (the warpgroup's threads) and W*4 bytes a multiple of 16 (TMA), so that the most
+  programs share the merge; None where none exists or the S partials overflow shared memory."""
   for w in (8, 16, 32, 64, 128, 256):
     if w <= d and d % w == 0 and (g * w) % 128 == 0:
+      if 2 * _padded(s) * g * w * 4 > _SMEM_BUDGET:
+        return None
       return w
   return None
+
+
+def _padded(s: int) -> int:
+  return -(-s // _UNROLL) * _UNROLL
 
 
 def merge_partials_reference(o_part, lb_part, count):
@@ -107,12 +112,9 @@ def merge_partials_rows(o_part, lb_part, count_rows, *, interpret: bool = False,
   return _merge_partials_mgpu(o_part, lb_part, count_rows, interpret=interpret, pdl=pdl)
 
 
-def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, t_smem, *, s, g, w, col_chunks,
-                  vec, interpret, pdl):
-  """Program pid: kv head pid // col_chunks, columns (pid % col_chunks) * W + [0, W). Every
-  load is issued up front in one unrolled sequence (no shared-memory staging, no barrier, no
-  loop), and the merge is a max and a weighted sum over values in registers, online over
-  groups of `_GROUP` partials."""
+def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, o_smem, l_smem, c_smem, t_smem,
+                  bars, *, s, g, w, col_chunks, vec, interpret, pdl):
+  """Program pid: kv head pid // col_chunks, columns (pid % col_chunks) * W + [0, W)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -122,30 +124,47 @@ def _merge_kernel(o_gmem, lb_gmem, cnt_gmem, of_gmem, lf_gmem, t_smem, *, s, g, 
   pid = lax.axis_index("p")
   head = lax.div(pid, jnp.int32(col_chunks))
   col = lax.rem(pid, jnp.int32(col_chunks))
+  rows = pl.ds(head * s, s)
   cols = pl.ds(pl.multiple_of(col * w, w), w)
-  count = cnt_gmem[head, 0]
+  plgpu.copy_gmem_to_smem(o_gmem.at[rows, :, cols], o_smem.at[pl.ds(0, s)], bars.at[0])
+  plgpu.copy_gmem_to_smem(lb_gmem.at[rows], l_smem.at[pl.ds(0, s)], bars.at[1])
+  plgpu.copy_gmem_to_smem(cnt_gmem.at[head], c_smem, bars.at[2])
+  for i in range(3):
+    plgpu.barrier_wait(bars.at[i])
+  count = c_smem[0]
+
   strided = None if interpret else plgpu.Layout.WG_STRIDED((g, w), vec_size=vec)
   full = lambda v: _mgpu.layout_cast(jnp.full((g, w), v, jnp.float32), strided, interpret)
-  load = lambda ref: _mgpu.load_with_layout(ref, strided, interpret)
+  # rows past the count hold anything (never written; past S, uninitialized shared memory):
+  # selected away (explicit broadcasts: Mosaic GPU's warpgroup select has no implicit one)
+  valid = lambda j: jnp.broadcast_to(j < count, (g, w))
+  lse_at = lambda j: jnp.where(valid(j), _mgpu.load_with_layout(l_smem.at[j], strided,
+                                                                interpret), full(EMPTY_LSE))
+  steps = lax.div(count + (_UNROLL - 1), _UNROLL)
 
-  m = l = x = None
-  for lo in range(0, s, _GROUP):
-    js = range(lo, min(s, lo + _GROUP))
-    # rows past the count hold anything (never written, NaN included): selected away
-    valid = {j: jnp.broadcast_to(j < count, (g, w)) for j in js}
-    lse = {j: jnp.where(valid[j], load(lb_gmem.at[head * s + j]), full(EMPTY_LSE)) for j in js}
-    o = {j: jnp.where(valid[j], load(o_gmem.at[head * s + j, :, cols]), full(0.0)) for j in js}
-    m_new = functools.reduce(jnp.maximum, lse.values())
-    if m is not None:
-      m_new = jnp.maximum(m, m_new)
-      scale = jnp.exp(m - m_new)
-      l, x = l * scale, x * scale
-    m = m_new
-    for j in js:
-      wj = jnp.exp(lse[j] - m)
-      l = wj if l is None else l + wj
-      x = wj * o[j] if x is None else x + wj * o[j]
+  def max_step(i, ms):
+    return tuple(jnp.maximum(m, lse_at(i * _UNROLL + u)) for u, m in enumerate(ms))
+
+  ms = lax.fori_loop(0, steps, max_step, (full(EMPTY_LSE),) * _UNROLL)
+  m = functools.reduce(jnp.maximum, ms)
+
+  def sum_step(i, carry):
+    ls, xs = carry
+    new_l, new_x = [], []
+    for u in range(_UNROLL):
+      j = i * _UNROLL + u
+      wj = jnp.exp(lse_at(j) - m)
+      oj = jnp.where(valid(j), _mgpu.load_with_layout(o_smem.at[j], strided, interpret),
+                     full(0.0))
+      new_l.append(ls[u] + wj)
+      new_x.append(xs[u] + oj * wj)
+    return tuple(new_l), tuple(new_x)
+
+  ls, xs = lax.fori_loop(0, steps, sum_step,
+                         ((full(0.0),) * _UNROLL, (full(0.0),) * _UNROLL))
+  l = functools.reduce(jnp.add, ls)
   l = jnp.where(l > 0.0, l, full(1.0))  # count 0 (no partial): o = 0, lse = EMPTY_LSE
+  x = functools.reduce(jnp.add, xs)
   of_gmem.at[head, :, cols][...] = x / l  # an all-empty head: 0 / count = 0
 
   @pl.when(col == 0)
@@ -174,7 +193,11 @@ def _merge_partials_mgpu(o_part, lb_part, count_rows, *, interpret: bool, pdl: b
       grid=(bk * col_chunks,),
       grid_names=("p",),
       kernel_name="alaya_split_merge",
-      scratch_types=[plgpu.SMEM((g, w), jnp.float32)],
+      scratch_types=[plgpu.SMEM((_padded(s), g, w), jnp.float32),
+                     plgpu.SMEM((_padded(s), g, w), jnp.float32),
+                     plgpu.SMEM((4,), jnp.int32),
+                     plgpu.SMEM((g, w), jnp.float32),
+                     plgpu.Barrier(num_barriers=3)],
       **kw,
   )(o_part.astype(jnp.float32).reshape(bk * s, g, d),
     lb_part.astype(jnp.float32).reshape(bk * s, g, w), count_rows.astype(jnp.int32))
