@@ -55,8 +55,14 @@ def empty_kernel(programs: int, smem_kb: int):
 
 
 def durations(f, args, calls: int, match: str) -> list[float]:
-  ev = kernel_events(jax.jit(lambda *a: [f(*a, i) for i in range(calls)]), *args)
-  return [t * 1e6 for n, t in ev if match in n]
+  """us of each kernel named like `match` in one traced run of `calls` calls of f in a jit
+  (compiled and run once before the trace)."""
+  chain = jax.jit(lambda *a: [f(*a, i) for i in range(calls)])
+  jax.block_until_ready(chain(*args))
+  ts = [t * 1e6 for n, t in kernel_events(chain, *args) if match in n]
+  if not ts:
+    raise SystemExit(f"kernel_floor.py: no kernel named like {match!r} in the trace")
+  return ts
 
 
 def main():
@@ -96,26 +102,23 @@ def main():
   def partials(q, kept, cnt, keys, vals, blen, thr):
     return ga._launch(q, keys, vals, blen, kept, cnt, thr, config=cfg, interpret=False)
 
-  def empty_after(q, *rest):
-    part = partials(q, *rest)
+  def empty_after(q, kept, cnt, keys, vals, blen, thr, i):
+    part = partials(q + i, kept, cnt, keys, vals, blen, thr)
     return empty_kernel(p, 0)(part.o_part.reshape(-1, 128))  # (a bitcast: no copy between)
 
-  def merge_after(q, *rest):
-    part = partials(q, *rest)
+  def merge_after(q, kept, cnt, keys, vals, blen, thr, i):
+    part = partials(q + i, kept, cnt, keys, vals, blen, thr)
     return sm.merge_partials_rows(part.o_part, part.lb_part, part.count)
 
   q = jax.random.normal(jax.random.key(2), (kw.B, kw.K * kw.G, kw.D), jnp.bfloat16)
   att_args = (q, kept, cnt, *layer)
-  cases["empty after attention"] = (lambda *a: empty_after(a[0] + a[-1], *a[1:-1]),
-                                    att_args, "floor_empty")
-  cases["merge after attention"] = (lambda *a: merge_after(a[0] + a[-1], *a[1:-1]),
-                                    att_args, "alaya_split_merge")
+  cases["empty after attention"] = (empty_after, att_args, "floor_empty")
+  cases["merge after attention"] = (merge_after, att_args, "alaya_split_merge")
   out = []
   for name, (f, fargs, match) in cases.items():
-    jax.block_until_ready(jax.jit(lambda *a: [f(*a, i) for i in range(args.calls)])(*fargs))
     ts = durations(f, fargs, args.calls, match)
     r = dict(case=name, kernels=len(ts), median_us=round(float(np.median(ts)), 3),
-             min_us=round(float(np.min(ts)), 3) if ts else None)
+             min_us=round(float(np.min(ts)), 3))
     print(r, flush=True)
     out.append(r)
   meta = run_meta(programs=p, calls=args.calls)
